@@ -1,0 +1,33 @@
+"""Packaging for hift-ds: the `hift_ds` engine plus `kernels/` installed as `hift_ds.kernels`."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "hift_ds" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="hift-ds",
+    version=VERSION,
+    description="HiFT (hierarchical full-parameter fine-tuning) as a DeepSpeed optimizer wrapper",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["hift_ds", "hift_ds.kernels"],
+    package_dir={"hift_ds": "hift_ds", "hift_ds.kernels": "kernels"},
+    install_requires=[
+        # torch is pinned by the README install step on CPU machines; any recent torch works.
+        "torch>=2.3",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "triton>=3.0",
+        "psutil",
+        "nvidia-ml-py",
+        "tqdm",
+        "pydantic>=2",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["hift-profile=hift_ds.profile:main"]},
+)
