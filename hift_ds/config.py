@@ -1,0 +1,97 @@
+"""The ``"hift"`` block of a DeepSpeed JSON config, validated with pydantic as DeepSpeed does."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from hift_ds.schedule import STRATEGIES
+
+
+class OffloadConfig(BaseModel):
+    """Where inactive groups' masters and optimizer state live."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: Literal["cpu", "none"] = "none"
+    pin_memory: bool = True
+    prefetch: bool = True
+
+
+class HiFTConfig(BaseModel):
+    """Settings of the HiFT optimizer wrapper (``"hift": {...}`` in the DeepSpeed config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    group_size: Optional[int] = None
+    num_groups: Optional[int] = None
+    strategy: str = "bottom2up"
+    seed: int = 0
+    units: Optional[list[str]] = None
+    offload: OffloadConfig = OffloadConfig()
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; use one of {', '.join(STRATEGIES)}")
+        return v
+
+    @field_validator("group_size", "num_groups")
+    @classmethod
+    def _positive(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "HiFTConfig":
+        if self.group_size is not None and self.num_groups is not None:
+            raise ValueError(f"set either group_size ({self.group_size}) or num_groups ({self.num_groups}), not both")
+        return self
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``HiFTOptimizer`` (everything but the optimizer's own)."""
+        kw = dict(strategy=self.strategy, seed=self.seed, units=self.units, offload=self.offload.device,
+                  pin_memory=self.offload.pin_memory, prefetch=self.offload.prefetch, kernel=self.kernel)
+        if self.num_groups is not None:
+            kw["num_groups"] = self.num_groups
+        else:
+            kw["group_size"] = self.group_size or 1
+        return kw
+
+
+def parse_hift_config(block: Any) -> HiFTConfig:
+    """Validate a ``"hift"`` block; errors name the offending key and the valid ones."""
+    if not isinstance(block, dict):
+        raise TypeError(f'the "hift" config block must be a JSON object, got {type(block).__name__}')
+    try:
+        return HiFTConfig(**block)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "hift"
+            if err["type"] == "extra_forbidden":
+                model = OffloadConfig if err["loc"][0] == "offload" and len(err["loc"]) > 1 else HiFTConfig
+                problems.append(f"unknown key {where!r} (valid keys: {', '.join(model.model_fields)})")
+            else:
+                problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError('invalid "hift" config block: ' + "; ".join(problems)) from None
+
+
+def load_ds_config(config: Any) -> dict:
+    """A DeepSpeed config given as a dict or a JSON file path, as a fresh dict."""
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise ValueError(f"DeepSpeed config file {path!r} does not exist; pass --deepspeed <path to a JSON "
+                             "config>, e.g. ds_configs/hift.json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from None
+    raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")

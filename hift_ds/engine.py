@@ -1,0 +1,157 @@
+"""``hift_ds.initialize``: a DeepSpeed engine whose optimizer is a HiFTOptimizer.
+
+HiFT owns what DeepSpeed would otherwise do for every parameter at once: mixed precision (fp32
+masters per group instead of DeepSpeed's full fp32 copy), loss scaling, gradient clipping and the
+LR schedule (stepped once per cycle). The engine underneath runs ZeRO stage 0, so only the
+active group's gradients are all-reduced.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from hift_ds.config import load_ds_config, parse_hift_config
+from hift_ds.optimizer import CycleLRScheduler, HiFTOptimizer
+from hift_ds.precision import DynamicLossScaler
+
+logger = logging.getLogger(__name__)
+
+# DeepSpeed optimizer "type" -> HiFT built-in; DeepSpeed's "Adam" is AdamW unless adam_w_mode is false.
+_DS_OPTIMIZERS = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd", "adagrad": "adagrad"}
+_DS_ONLY_PARAMS = ("torch_adam", "adam_w_mode", "fused")
+# Scheduler parameters counted in optimizer steps, which HiFT converts to cycles.
+_STEP_PARAMS = ("warmup_num_steps", "total_num_steps", "cycle_first_step_size", "cycle_second_step_size",
+                "decay_step_size", "lr_range_test_step_size")
+
+
+def _optimizer_from_config(block: dict | None) -> tuple[str, dict]:
+    if not block:
+        logger.info("no \"optimizer\" block in the DeepSpeed config: using AdamW with its defaults")
+        return "adamw", {}
+    kind = str(block.get("type", "")).lower()
+    if kind not in _DS_OPTIMIZERS:
+        raise ValueError(f"optimizer type {block.get('type')!r} is not supported with HiFT; use one of "
+                         "Adam, AdamW, SGD, Adagrad")
+    params = dict(block.get("params", {}))
+    name = _DS_OPTIMIZERS[kind]
+    if kind == "adam" and params.get("adam_w_mode", True) is False:
+        name = "adam"
+    for key in _DS_ONLY_PARAMS:
+        params.pop(key, None)
+    return name, params
+
+
+def cycles_for_steps(params: dict, num_groups: int) -> dict:
+    """Scheduler parameters with step counts converted to HiFT cycles (k steps each)."""
+    out = dict(params)
+    for key in _STEP_PARAMS:
+        if out.get(key) is not None:
+            out[key] = max(1, math.ceil(out[key] / num_groups)) if out[key] > 0 else out[key]
+    if "warmup_num_steps" in out and "total_num_steps" in out and out["warmup_num_steps"] >= out["total_num_steps"]:
+        out["warmup_num_steps"] = max(0, out["total_num_steps"] - 1)
+    return out
+
+
+def _scheduler_from_config(block: dict, optimizer: HiFTOptimizer):
+    from deepspeed.runtime import lr_schedules
+
+    kind = block.get("type")
+    cls = getattr(lr_schedules, str(kind), None)
+    if cls is None or kind not in lr_schedules.VALID_LR_SCHEDULES:
+        raise ValueError(f"scheduler type {kind!r} is not one of DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES}")
+    params = block.get("params", {})
+    converted = cycles_for_steps(params, optimizer.num_groups)
+    changed = {k: f"{params[k]} -> {converted[k]}" for k in _STEP_PARAMS if k in params and params[k] != converted[k]}
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        logger.info("HiFT: LR schedule %s advances once per cycle of %d steps; step counts converted to cycles: %s",
+                    kind, optimizer.num_groups, changed)
+    return cls(optimizer, **converted)
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def initialize(args: Any = None, model: nn.Module | None = None, model_parameters: Any = None,
+               training_data: Any = None, lr_scheduler: Any = None, config: Any = None, **kwargs):
+    """``deepspeed.initialize`` with a HiFT optimizer built from the config's "hift" block."""
+    import deepspeed
+
+    if model is None:
+        raise ValueError("hift_ds.initialize needs model=<your nn.Module>")
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config=<dict or path> or --deepspeed <path>")
+    ds_config = load_ds_config(config)
+    if "hift" not in ds_config:
+        raise ValueError('the DeepSpeed config has no "hift" block; add "hift": {"group_size": 1} '
+                         "(or use deepspeed.initialize for plain full fine-tuning)")
+    if kwargs.get("optimizer") is not None:
+        raise ValueError("hift_ds.initialize builds the optimizer from the config's \"optimizer\" block; "
+                         "do not pass optimizer=")
+    hift = parse_hift_config(ds_config.pop("hift"))
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 0:
+        raise ValueError(f"zero_optimization.stage={stage} is not supported with the hift block yet; use stage 0 "
+                         "(HiFT already keeps only the active group's gradients and state on the GPU)")
+
+    # Mixed precision is HiFT's: DeepSpeed's BF16/FP16 wrappers would keep fp32 copies of all weights.
+    scaler = None
+    dtype = torch.float32
+    if ds_config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        if dtype == torch.bfloat16:
+            raise ValueError("both bf16 and fp16 are enabled in the config; enable one")
+        dtype, scaler = torch.float16, DynamicLossScaler.from_ds_fp16(ds_config["fp16"])
+    for key in ("bf16", "fp16"):
+        ds_config.pop(key, None)
+    clip = float(ds_config.pop("gradient_clipping", 0.0) or 0.0)
+
+    model = model.to(device=_device(), dtype=dtype)
+    name, opt_params = _optimizer_from_config(ds_config.pop("optimizer", None))
+    optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, **hift.optimizer_kwargs(),
+                              **opt_params)
+
+    sched_block = ds_config.pop("scheduler", None)
+    if sched_block is not None and lr_scheduler is not None:
+        raise ValueError("an LR scheduler is both in the config and passed as lr_scheduler=; keep one")
+    if sched_block is not None:
+        lr_scheduler = CycleLRScheduler(_scheduler_from_config(sched_block, optimizer), optimizer)
+    elif lr_scheduler is not None:
+        lr_scheduler = CycleLRScheduler(lr_scheduler(optimizer) if callable(lr_scheduler) and not hasattr(
+            lr_scheduler, "step") else lr_scheduler, optimizer)
+
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))
+        args.deepspeed_config = None  # the edited dict below replaces the file
+    engine, ds_opt, loader, sched = deepspeed.initialize(
+        args=args, model=model, model_parameters=None, training_data=training_data, lr_scheduler=lr_scheduler,
+        optimizer=optimizer, config=ds_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
+    if scaler is not None:
+        _scale_engine_backward(engine, optimizer)
+    return engine, ds_opt, loader, sched
+
+
+def _scale_engine_backward(engine, optimizer: HiFTOptimizer) -> None:
+    # DeepSpeed only scales the loss inside its own FP16 wrapper, which HiFT replaces.
+    backward = engine.backward
+
+    def scaled_backward(loss, *args, **kwargs):
+        backward(loss * optimizer.loss_scale, *args, **kwargs)
+        return loss
+
+    engine.backward = scaled_backward

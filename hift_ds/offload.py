@@ -1,0 +1,128 @@
+"""Home of every HiFT group's fp32 masters and optimizer state, with asynchronous prefetch.
+
+Each group owns one contiguous fp32 buffer per kind ("master", "exp_avg", ...), allocated once.
+With offload the buffers live in (pinned) host memory and the active group is copied into one
+of two device slots; the next group's copy-in and the finished group's copy-out run on a side
+CUDA stream ordered by events, so they overlap forward/backward. Without CUDA the same code runs
+with plain synchronous copies, which is what CPU CI exercises.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+MASTER = "master"
+
+
+class GroupStore:
+    """Flat per-group buffers of masters and optimizer state, resident or offloaded."""
+
+    def __init__(self, groups: list[list[nn.Parameter]], kinds: dict[str, float], *, masters: bool,
+                 offload: bool, device: torch.device, pin_memory: bool = True):
+        self.device = torch.device(device)
+        self.offload = offload
+        self.kinds = ({MASTER: 0.0} if masters else {}) | dict(kinds)
+        self.numels = [sum(p.numel() for p in g) for g in groups]
+        self.allocations = 0  # counted so tests can prove nothing is allocated per step
+        on_cuda = self.device.type == "cuda"
+        self.pinned = offload and pin_memory and on_cuda and torch.cuda.is_available()
+        home_device = torch.device("cpu") if offload else self.device
+        self.home: list[dict[str, Tensor]] = []
+        for params, n in zip(groups, self.numels):
+            bufs = {k: self._alloc(n, home_device, fill) for k, fill in self.kinds.items()}
+            if masters:
+                off = 0
+                for p in params:
+                    bufs[MASTER][off:off + p.numel()].copy_(p.detach().reshape(-1))
+                    off += p.numel()
+            self.home.append(bufs)
+        # Two device slots: one holds the active group, the other receives the next one while
+        # the previous occupant is written back (same copy stream, so the order is guaranteed).
+        self._slots: list[dict[str, Tensor]] = []
+        self._slot_group: list[int | None] = [None, None]
+        self._ready: list[torch.cuda.Event | None] = [None, None]
+        self._acquired: int | None = None
+        if offload and self.kinds:
+            biggest = max(self.numels)
+            self._slots = [{k: self._alloc(biggest, self.device, 0.0) for k in self.kinds} for _ in range(2)]
+        self._stream = torch.cuda.Stream(self.device) if offload and on_cuda else None
+
+    def _alloc(self, n: int, device: torch.device, fill: float) -> Tensor:
+        self.allocations += 1
+        pin = self.pinned and device.type == "cpu"
+        return torch.full((n,), fill, dtype=torch.float32, device=device, pin_memory=pin)
+
+    def _slot_of(self, g: int) -> int | None:
+        return self._slot_group.index(g) if g in self._slot_group else None
+
+    def prefetch(self, g: int) -> None:
+        """Start copying group ``g``'s buffers to the device (no-op when resident or not offloaded)."""
+        if not self.offload or not self.kinds or self._slot_of(g) is not None:
+            return
+        slot = next(i for i in range(2) if self._slot_group[i] is None or self._slot_group[i] != self._acquired)
+        self._slot_group[slot] = g
+        n = self.numels[g]
+        if self._stream is None:
+            for k, dst in self._slots[slot].items():
+                dst[:n].copy_(self.home[g][k])
+            return
+        with torch.cuda.stream(self._stream):
+            for k, dst in self._slots[slot].items():
+                dst[:n].copy_(self.home[g][k], non_blocking=True)
+            self._ready[slot] = torch.cuda.Event()
+            self._ready[slot].record(self._stream)
+
+    def acquire(self, g: int) -> dict[str, Tensor]:
+        """Group ``g``'s flat buffers on the device, ready for the compute stream to update."""
+        if not self.offload or not self.kinds:
+            self._acquired = g
+            return self.home[g]
+        self.prefetch(g)
+        slot = self._slot_of(g)
+        if self._ready[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+            self._ready[slot] = None
+        self._acquired = g
+        n = self.numels[g]
+        return {k: buf[:n] for k, buf in self._slots[slot].items()}
+
+    def release(self, g: int) -> None:
+        """Write group ``g``'s updated device buffers back home, asynchronously on CUDA."""
+        self._acquired = None
+        if not self.offload or not self.kinds:
+            return
+        slot, n = self._slot_of(g), self.numels[g]
+        if self._stream is None:
+            for k, src in self._slots[slot].items():
+                self.home[g][k].copy_(src[:n])
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._stream.wait_event(done)
+        with torch.cuda.stream(self._stream):
+            for k, src in self._slots[slot].items():
+                self.home[g][k].copy_(src[:n], non_blocking=True)
+                # The slot's memory is used on the copy stream now; tell the allocator.
+                src.record_stream(self._stream)
+
+    def synchronize(self) -> None:
+        """Wait for every pending copy so the home buffers are current (before reading them)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def invalidate(self) -> None:
+        """Forget slot contents after the home buffers were overwritten (checkpoint load)."""
+        self.synchronize()
+        self._slot_group = [None, None]
+        self._ready = [None, None]
+        self._acquired = None
+
+    def bytes_by_location(self) -> dict[str, int]:
+        """Bytes of masters + state on the device (home if resident, plus slots) and on the host."""
+        def size(bufs: list[dict[str, Tensor]]) -> int:
+            return sum(t.numel() * t.element_size() for b in bufs for t in b.values())
+        home, slots = size(self.home), size(self._slots)
+        if not self.offload:
+            return {"device": home, "host_pinned": 0, "host_pageable": 0}
+        return {"device": slots, "host_pinned": home if self.pinned else 0,
+                "host_pageable": 0 if self.pinned else home}

@@ -1,0 +1,340 @@
+"""HiFTOptimizer: trains one group of units per step, every other parameter frozen.
+
+Only the active group has ``requires_grad=True``, gradients and (with offload) device-resident
+masters and optimizer state. Built-in optimizers (adamw, adam, sgd, adagrad) keep their state in
+a ``GroupStore`` of flat per-group buffers updated by ``hift_ds.kernels``; any other
+``torch.optim.Optimizer`` subclass runs as an inner optimizer over the active parameters.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from hift_ds import kernels
+from hift_ds.offload import MASTER, GroupStore
+from hift_ds.precision import DynamicLossScaler
+from hift_ds.schedule import GroupSchedule
+from hift_ds.units import Unit, discover_units, group_units, units_from_patterns
+
+logger = logging.getLogger(__name__)
+
+_BUILTIN_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd",
+                    torch.optim.Adagrad: "adagrad"}
+OFFLOAD_DEVICES = ("none", "cpu")
+
+
+def _resolve_optimizer(optimizer: str | type) -> tuple[str | None, type | None]:
+    if isinstance(optimizer, str):
+        name = optimizer.lower()
+        if name not in kernels.DEFAULTS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(kernels.DEFAULTS)} "
+                             "or pass a torch.optim.Optimizer subclass")
+        return name, None
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return _BUILTIN_CLASSES.get(optimizer), optimizer
+    raise TypeError(f"optimizer must be a name or a torch.optim.Optimizer subclass, got {optimizer!r}")
+
+
+def _builtin_hyper(name: str, kwargs: dict) -> dict:
+    defaults = kernels.DEFAULTS[name]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown {name} option(s) {unknown}; valid options: {sorted(defaults)}")
+    hyper = {**defaults, **kwargs}
+    if "betas" in hyper:
+        hyper["betas"] = tuple(float(b) for b in hyper["betas"])
+    if name == "sgd" and hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
+        raise ValueError("sgd nesterov=True needs momentum > 0 and dampening == 0")
+    return hyper
+
+
+class HiFTOptimizer(torch.optim.Optimizer):
+    """Hierarchical full-parameter fine-tuning: one group of units trained per optimizer step."""
+
+    def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int = 1,
+                 num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
+                 units: list[str] | None = None, offload: str = "none", pin_memory: bool = True,
+                 prefetch: bool = True, kernel: str = "auto", loss_scaler: DynamicLossScaler | None = None,
+                 max_grad_norm: float = 0.0, **optimizer_kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"HiFTOptimizer needs the model (an nn.Module), got {type(model).__name__}")
+        if num_groups is not None and group_size != 1:
+            raise ValueError(f"set either group_size ({group_size}) or num_groups ({num_groups}), not both")
+        if offload not in OFFLOAD_DEVICES:
+            raise ValueError(f"offload device {offload!r} is not one of {OFFLOAD_DEVICES}")
+        self.name, self._inner_cls = _resolve_optimizer(optimizer)
+        unit_list: list[Unit] = units_from_patterns(model, units) if units is not None else discover_units(model)
+        self.units = unit_list
+        self._unit_groups = group_units(unit_list, None if num_groups else group_size, num_groups)
+        self._names = [[n for u in g for n, _ in u.params] for g in self._unit_groups]
+        self._params = [[p for u in g for _, p in u.params] for g in self._unit_groups]
+        all_params = [p for g in self._params for p in g]
+        devices = {p.device for p in all_params}
+        if len(devices) != 1:
+            raise ValueError(f"HiFT needs every trainable parameter on one device, found {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        dtypes = {p.dtype for p in all_params}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"trainable parameters must share one float dtype, found {sorted(map(str, dtypes))}")
+        self.model_dtype = dtypes.pop()
+        self.masters = self.model_dtype != torch.float32
+        self.schedule = GroupSchedule(len(self._params), strategy, seed)
+        self.scaler = loss_scaler
+        if self.model_dtype == torch.float16 and self.scaler is None:
+            self.scaler = DynamicLossScaler(hysteresis=1)
+        self.prefetch = prefetch
+        if max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm}")
+        self.max_grad_norm = float(max_grad_norm)
+        self.skipped_steps = 0
+        self.overflow = False  # read by DeepSpeed after each step
+
+        if self.name is not None:
+            hyper = _builtin_hyper(self.name, optimizer_kwargs)
+            self.backend = kernels.resolve_backend(kernel, self.device)
+            super().__init__([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)], hyper)
+            self.store = GroupStore(self._params, kernels.state_kinds(self.name, hyper), masters=self.masters,
+                                    offload=offload == "cpu", device=self.device, pin_memory=pin_memory)
+            self._inner = None
+        else:
+            if offload != "none" or self.masters:
+                raise ValueError(f"offload and bf16/fp16 masters need a built-in optimizer "
+                                 f"({sorted(kernels.DEFAULTS)}); {optimizer.__name__} runs only in fp32 "
+                                 "with offload 'none'")
+            self.backend = "inner"
+            self._inner = self._inner_cls([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)],
+                                          **optimizer_kwargs)
+            super().__init__(self._inner.param_groups, self._inner.defaults)
+            self.param_groups = self._inner.param_groups  # one list: LR schedulers reach the inner optimizer
+            self.store = None
+        self._steps = [[0] * len(ps) for ps in self._params]
+        for ps in self._params:
+            for p in ps:
+                p.requires_grad_(False)
+                p.grad = None
+        self._activate(self.schedule.active)
+        logger.info("HiFT: %d units in %d groups (%s), optimizer %s, backend %s, offload %s",
+                    len(unit_list), self.num_groups, strategy, self.name or self._inner_cls.__name__,
+                    self.backend, offload)
+
+    # ---- read-only views -------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        """Number of HiFT groups k (one cycle is k optimizer steps)."""
+        return len(self._params)
+
+    @property
+    def active_group(self) -> int:
+        """Index of the group the next ``step()`` updates."""
+        return self.schedule.active
+
+    @property
+    def cycle(self) -> int:
+        """Number of completed cycles (every group trained once per cycle)."""
+        return self.schedule.cycle
+
+    @property
+    def loss_scale(self) -> float:
+        """Current fp16 loss scale (1.0 without a scaler)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def group_param_names(self, i: int) -> list[str]:
+        """Names of the parameters in group ``i``."""
+        return list(self._names[i])
+
+    def group_units(self, i: int) -> list[str]:
+        """Names of the units in group ``i``."""
+        return [u.name for u in self._unit_groups[i]]
+
+    # ---- activation --------------------------------------------------------------------------
+    def _activate(self, g: int) -> None:
+        for p in self._params[g]:
+            p.requires_grad_(True)
+        if self.store is not None and self.prefetch:
+            self.store.prefetch(g)
+
+    def _deactivate(self, g: int) -> None:
+        for p in self._params[g]:
+            p.requires_grad_(False)
+            p.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the active group's gradients (frozen parameters never hold any)."""
+        for p in self._params[self.active_group]:
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad.zero_()
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()`` with the fp16 loss scale applied."""
+        (loss * self.loss_scale if self.scaler is not None else loss).backward()
+
+    # ---- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update the active group, then freeze it and activate the next group of the schedule."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g = self.active_group
+        params = self._params[g]
+        idx = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = [params[i].grad for i in idx]
+        self.overflow = self.scaler is not None and kernels.has_inf_or_nan(grads)
+        if self.overflow:
+            # Overflow: skip, lower the scale, retry the same group on the next step.
+            self.scaler.update(True)
+            self.skipped_steps += 1
+            self.zero_grad()
+            logger.warning("fp16 overflow: step skipped, loss scale now %g", self.scaler.scale)
+            return loss
+        inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
+        if self.max_grad_norm > 0 and grads:
+            # Clip by the active group's norm, folded into the unscale factor the kernel applies.
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
+            norm = float(norm) * inv_scale
+            if norm > self.max_grad_norm:
+                inv_scale *= self.max_grad_norm / (norm + 1e-6)
+        if grads:
+            if self._inner is not None:
+                if inv_scale != 1.0:
+                    for gr in grads:
+                        gr.mul_(inv_scale)
+                self._inner.step()
+            else:
+                self._update_builtin(g, idx, grads, inv_scale)
+        if self.scaler is not None:
+            self.scaler.update(False)
+        self._deactivate(g)
+        self.schedule.advance()
+        self._activate(self.active_group)
+        return loss
+
+    def _update_builtin(self, g: int, idx: list[int], grads: list[Tensor], inv_scale: float) -> None:
+        params = self._params[g]
+        steps = self._steps[g]
+        for i in idx:
+            steps[i] += 1
+        bufs = self.store.acquire(g)
+        views = {k: self._split(g, buf) for k, buf in bufs.items()}
+        masters = views.pop(MASTER, None)
+        targets = [masters[i] for i in idx] if masters is not None else [params[i].data for i in idx]
+        state = {k: [v[i] for i in idx] for k, v in views.items()}
+        hyper = {k: v for k, v in self.param_groups[g].items() if k not in ("params", "hift_group")}
+        kernels.apply_update(self.name, hyper, targets, grads, state, [steps[i] for i in idx],
+                             backend=self.backend, inv_scale=inv_scale)
+        if masters is not None:
+            for i in idx:
+                params[i].data.copy_(masters[i])
+        self.store.release(g)
+
+    def _split(self, g: int, flat: Tensor) -> list[Tensor]:
+        out, off = [], 0
+        for p in self._params[g]:
+            out.append(flat[off:off + p.numel()].view_as(p))
+            off += p.numel()
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Every group's optimizer state (flat, rank-independent), hyper-parameters and schedule."""
+        groups_hyper = [{k: v for k, v in pg.items() if k != "params"} for pg in self.param_groups]
+        out = {"hift": {"version": 1, "optimizer": self.name or self._inner_cls.__name__,
+                        "group_names": [list(n) for n in self._names], "schedule": self.schedule.state_dict(),
+                        "steps": [list(s) for s in self._steps], "skipped_steps": self.skipped_steps},
+               "param_groups": groups_hyper,
+               "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        if self._inner is not None:
+            out["inner"] = self._inner.state_dict()
+        else:
+            self.store.synchronize()
+            out["state"] = [dict(bufs) for bufs in self.store.home]
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore ``state_dict()``; the model and grouping must match the saved run."""
+        if "hift" not in state_dict:
+            raise ValueError("not a HiFTOptimizer state dict (no 'hift' entry); was it saved by another optimizer?")
+        meta = state_dict["hift"]
+        if meta["group_names"] != self._names:
+            raise ValueError(f"checkpoint grouping differs from this optimizer's: saved {len(meta['group_names'])} "
+                             f"groups, this run has {self.num_groups}, or the parameter names differ; use the "
+                             "same model, units, group_size/num_groups as the saved run")
+        if meta["optimizer"] != (self.name or self._inner_cls.__name__):
+            raise ValueError(f"checkpoint was saved with optimizer {meta['optimizer']!r}, this run uses "
+                             f"{self.name or self._inner_cls.__name__!r}")
+        self._deactivate(self.active_group)
+        for pg, saved in zip(self.param_groups, state_dict["param_groups"]):
+            pg.update({k: v for k, v in saved.items() if k != "params"})
+        if self._inner is not None:
+            self._inner.load_state_dict(state_dict["inner"])
+        else:
+            self.store.invalidate()
+            for g, (home, saved) in enumerate(zip(self.store.home, state_dict["state"])):
+                for k, buf in home.items():
+                    buf.copy_(saved[k])
+                if MASTER in home:
+                    for p, m in zip(self._params[g], self._split(g, home[MASTER])):
+                        p.data.copy_(m)
+        self._steps = [list(s) for s in meta["steps"]]
+        self.skipped_steps = meta["skipped_steps"]
+        self.schedule.load_state_dict(meta["schedule"])
+        if self.scaler is not None and state_dict.get("loss_scaler"):
+            self.scaler.load_state_dict(state_dict["loss_scaler"])
+        self._activate(self.active_group)
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Bytes by category: model weights, gradients, masters+state on device and on host."""
+        params = [p for ps in self._params for p in ps]
+        report = {"model_weights": sum(p.numel() * p.element_size() for p in params),
+                  "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)}
+        if self.store is not None:
+            loc = self.store.bytes_by_location()
+            report.update(state_device=loc["device"], state_host_pinned=loc["host_pinned"],
+                          state_host_pageable=loc["host_pageable"])
+        else:
+            report.update(state_device=sum(t.numel() * t.element_size() for s in self._inner.state.values()
+                                           for t in s.values() if torch.is_tensor(t)),
+                          state_host_pinned=0, state_host_pageable=0)
+        return report
+
+
+def lr_cycle_scheduler(scheduler, optimizer: HiFTOptimizer) -> "CycleLRScheduler":
+    """Wrap a torch/DeepSpeed LR scheduler so it advances once per HiFT cycle, not per step."""
+    return CycleLRScheduler(scheduler, optimizer)
+
+
+class CycleLRScheduler:
+    """LR scheduler wrapper: ``step()`` is called every optimizer step, the inner one every cycle."""
+
+    def __init__(self, scheduler, optimizer: HiFTOptimizer):
+        if not isinstance(optimizer, HiFTOptimizer):
+            raise TypeError(f"lr_cycle_scheduler needs a HiFTOptimizer, got {type(optimizer).__name__}")
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self._cycles_seen = optimizer.cycle
+
+    def step(self, *args, **kwargs) -> None:
+        """Advance the inner scheduler once for each cycle completed since the last call."""
+        while self._cycles_seen < self.optimizer.cycle:
+            self.scheduler.step(*args, **kwargs)
+            self._cycles_seen += 1
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rates the inner scheduler set last."""
+        return [pg["lr"] for pg in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Inner scheduler state plus the number of cycles it has seen."""
+        return {"inner": self.scheduler.state_dict(), "cycles_seen": self._cycles_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict``."""
+        self.scheduler.load_state_dict(state["inner"])
+        self._cycles_seen = state["cycles_seen"]

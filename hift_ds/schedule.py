@@ -1,0 +1,74 @@
+"""Which HiFT group is active at which optimizer step (pure Python, no torch).
+
+The position is a single counter of completed optimizer steps; the cycle, the index inside the
+cycle and the random permutation all derive from it and the seed. That keeps the schedule
+identical on every rank and reproducible after a resume without storing any RNG state.
+"""
+from __future__ import annotations
+
+import random
+
+STRATEGIES = ("bottom2up", "top2down", "random")
+
+
+class GroupSchedule:
+    """Order in which the ``num_groups`` groups are trained, one group per optimizer step."""
+
+    def __init__(self, num_groups: int, strategy: str = "bottom2up", seed: int = 0, steps_done: int = 0):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown HiFT strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        self.num_groups = num_groups
+        self.strategy = strategy
+        self.seed = int(seed)
+        self.steps_done = int(steps_done)
+
+    def order(self, cycle: int) -> list[int]:
+        """Group indices in the order they are trained during ``cycle``."""
+        groups = list(range(self.num_groups))
+        if self.strategy == "top2down":
+            groups.reverse()
+        elif self.strategy == "random":
+            # A fresh generator per cycle, keyed by (seed, cycle): no hidden state to checkpoint.
+            random.Random(f"hift-{self.seed}-{cycle}").shuffle(groups)
+        return groups
+
+    @property
+    def cycle(self) -> int:
+        """Number of completed cycles."""
+        return self.steps_done // self.num_groups
+
+    @property
+    def index(self) -> int:
+        """Position of the active group inside the current cycle."""
+        return self.steps_done % self.num_groups
+
+    @property
+    def active(self) -> int:
+        """Index of the group trained by the next optimizer step."""
+        return self.order(self.cycle)[self.index]
+
+    def peek(self, ahead: int = 1) -> int:
+        """Group that will be active ``ahead`` steps from now (for prefetching)."""
+        n = self.steps_done + ahead
+        return self.order(n // self.num_groups)[n % self.num_groups]
+
+    def advance(self) -> bool:
+        """Move to the next group; True when this completed a cycle."""
+        self.steps_done += 1
+        return self.index == 0
+
+    def state_dict(self) -> dict:
+        """The schedule position and settings."""
+        return {"num_groups": self.num_groups, "strategy": self.strategy, "seed": self.seed,
+                "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by ``state_dict``; the grouping must match."""
+        if state["num_groups"] != self.num_groups:
+            raise ValueError(f"checkpoint has {state['num_groups']} HiFT groups but this run has "
+                             f"{self.num_groups}; use the same group_size/num_groups as the saved run")
+        self.strategy = state["strategy"]
+        self.seed = state["seed"]
+        self.steps_done = state["steps_done"]

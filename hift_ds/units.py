@@ -1,0 +1,129 @@
+"""Split a model into ordered HiFT units and those into groups.
+
+Unit 0 holds the input embeddings, then one unit per transformer block, and the last unit the
+final norm and the head. Discovery finds the block list as the largest ``nn.ModuleList`` of
+same-class modules; users of other architectures pass one name pattern per unit instead.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class Unit:
+    """One unit: a name for logs and its trainable parameters, in model order."""
+
+    name: str
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters in the unit."""
+        return sum(p.numel() for _, p in self.params)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs of the model that train, each shared parameter listed once."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (every requires_grad is False); "
+                         "unfreeze the parameters HiFT should train before building the optimizer")
+    return params
+
+
+def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 1:
+            continue
+        if len({type(c) for c in mod}) != 1:
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if size and (best is None or size > best[0]):
+            best = (size, name, mod)
+    return None if best is None else (best[1], best[2])
+
+
+def _is_embedding(module_name: str, module: nn.Module) -> bool:
+    # nn.Embedding covers token/position tables (and their subclasses such as OPT's positional
+    # table); BERT-style models keep the embedding LayerNorm inside an "embeddings" module.
+    return isinstance(module, nn.Embedding) or any(part.endswith("embeddings") for part in module_name.split("."))
+
+
+def discover_units(model: nn.Module) -> list[Unit]:
+    """Units of a transformer model: embeddings, one per block, then final norm + head."""
+    found = _find_block_list(model)
+    if found is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: no nn.ModuleList of "
+                         "identical blocks; pass units=[...] (hift config 'units'), one module-name pattern per "
+                         "unit in bottom-to-top order, e.g. ['embed', 'layers.0', 'layers.1', 'norm|head']")
+    block_prefix, blocks = found
+    owner = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            owner.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, (mod_name, mod))
+    embed = Unit("embeddings")
+    layer_units = [Unit(f"{block_prefix}.{i}") for i in range(len(blocks))]
+    head = Unit("head")
+    for name, p in trainable_parameters(model):
+        if name.startswith(block_prefix + "."):
+            idx = int(name[len(block_prefix) + 1:].split(".", 1)[0])
+            layer_units[idx].params.append((name, p))
+        elif _is_embedding(*owner[name]):
+            embed.params.append((name, p))
+        else:
+            head.params.append((name, p))
+    return [u for u in [embed, *layer_units, head] if u.params]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, alt) or fnmatch.fnmatchcase(name, alt + ".*")
+               for alt in pattern.split("|"))
+
+
+def units_from_patterns(model: nn.Module, patterns: list[str]) -> list[Unit]:
+    """Units given by one glob pattern per unit ("a|b" for alternatives), matched on parameter names."""
+    if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"units must be a non-empty list of name patterns (strings), got {patterns!r}")
+    units = [Unit(p) for p in patterns]
+    missing, doubled = [], []
+    for name, p in trainable_parameters(model):
+        hits = [u for u in units if _matches(u.name, name)]
+        if not hits:
+            missing.append(name)
+        elif len(hits) > 1:
+            doubled.append(f"{name} (matched by {', '.join(repr(u.name) for u in hits)})")
+        else:
+            hits[0].params.append((name, p))
+    if missing:
+        raise ValueError(f"units patterns leave {len(missing)} trainable parameter(s) out, e.g. {missing[:5]}; "
+                         "add a pattern for them or freeze them (requires_grad=False) before building HiFT")
+    if doubled:
+        raise ValueError(f"parameters matched by more than one units pattern: {doubled[:5]}; "
+                         "make the patterns disjoint so every parameter belongs to exactly one unit")
+    empty = [u.name for u in units if not u.params]
+    if empty:
+        raise ValueError(f"units pattern(s) {empty} match no trainable parameter; remove or fix them")
+    return units
+
+
+def group_units(units: list[Unit], group_size: int | None = 1, num_groups: int | None = None) -> list[list[Unit]]:
+    """Consecutive units split into groups of ``group_size``, or into ``num_groups`` near-equal groups."""
+    n = len(units)
+    if group_size is not None and num_groups is not None:
+        raise ValueError(f"set either group_size ({group_size}) or num_groups ({num_groups}), not both")
+    if num_groups is not None:
+        if not isinstance(num_groups, int) or not 1 <= num_groups <= n:
+            raise ValueError(f"num_groups={num_groups!r} must be an integer between 1 and the unit count {n}")
+        bounds = [round(i * n / num_groups) for i in range(num_groups + 1)]
+        return [units[bounds[i]:bounds[i + 1]] for i in range(num_groups)]
+    if group_size is None:
+        group_size = 1
+    if not isinstance(group_size, int) or not 1 <= group_size <= n:
+        raise ValueError(f"group_size={group_size!r} must be an integer between 1 and the unit count {n} "
+                         "(units: embeddings, each block, head)")
+    return [units[i:i + group_size] for i in range(0, n, group_size)][: math.ceil(n / group_size)]
