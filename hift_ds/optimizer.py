@@ -17,7 +17,7 @@ from hift_ds import kernels
 from hift_ds.offload import MASTER, GroupStore
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
-from hift_ds.units import Unit, discover_units, group_units, units_from_patterns
+from hift_ds.units import HIFT_FROZEN, Unit, discover_units, group_units, units_from_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._steps = [[0] * len(ps) for ps in self._params]
         for ps in self._params:
             for p in ps:
+                setattr(p, HIFT_FROZEN, True)
                 p.requires_grad_(False)
                 p.grad = None
         self._activate(self.schedule.active)

@@ -1,0 +1,32 @@
+"""Shared fixtures: CPU-only environment and tiny models."""
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def tiny_llama(layers: int = 3, seed: int = 0, dtype=torch.float32) -> transformers.LlamaForCausalLM:
+    """A seeded LlamaForCausalLM small enough for CPU tests (layers + 2 units)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=100,
+                                   max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def batch(step: int, size: int = 2, seq: int = 8) -> torch.Tensor:
+    """Deterministic token ids for a given step index."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 100, (size, seq), generator=g)
+
+
+@pytest.fixture
+def llama():
+    """A tiny 3-layer Llama (5 units)."""
+    return tiny_llama()

@@ -1,0 +1,146 @@
+"""Offloaded group store and HiFT-owned mixed precision (CPU code path of DESIGN §3)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import batch, tiny_llama
+from hift_ds import HiFTOptimizer
+from hift_ds.offload import MASTER
+from hift_ds.precision import DynamicLossScaler
+
+
+def train(model, steps, start=0, **kw):
+    """Train ``model`` from step ``start`` to ``steps`` with a new or given (``opt=``) HiFTOptimizer."""
+    opt = kw.pop("opt", None) or HiFTOptimizer(model, **kw)
+    for s in range(start, steps):
+        x = batch(s)
+        opt.backward(model(input_ids=x, labels=x).loss)
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("strategy", ["bottom2up", "random"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adagrad"])
+def test_offloaded_equals_resident(strategy, optimizer):
+    kw = dict(lr=0.01, momentum=0.9) if optimizer == "sgd" else dict(lr=0.01)
+    a, b = tiny_llama(), tiny_llama()
+    train(a, 15, optimizer=optimizer, strategy=strategy, offload="none", **kw)
+    opt = train(b, 15, optimizer=optimizer, strategy=strategy, offload="cpu", **kw)
+    assert opt.store.offload
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bf16_masters_follow_fp32_adamw_and_weights_are_their_cast():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = HiFTOptimizer(model, "adamw", offload="cpu", lr=1e-2, weight_decay=0.1)
+    ref_params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    ref_opt = torch.optim.AdamW(list(ref_params.values()), lr=1e-2, weight_decay=0.1)
+    for s in range(2 * opt.num_groups):
+        active = opt.group_param_names(opt.active_group)
+        x = batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        for n, p in model.named_parameters():
+            ref_params[n].grad = p.grad.float() if n in active else None
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+    for g in range(opt.num_groups):
+        masters = opt._split(g, opt.store.home[g][MASTER])
+        for name, m, p in zip(opt.group_param_names(g), masters, opt._params[g]):
+            torch.testing.assert_close(m, ref_params[name], msg=name)
+            assert torch.equal(p, m.to(torch.bfloat16)), name
+
+
+def test_fp16_overflow_skips_and_retries_the_same_group():
+    model = tiny_llama(dtype=torch.float16)
+    opt = HiFTOptimizer(model, "adamw", offload="cpu", lr=1e-3)
+    assert opt.scaler is not None and opt.loss_scale == 2.0 ** 16
+    train(model, 2, opt=opt)
+    group = opt.active_group
+    before = [p.detach().clone() for p in model.parameters()]
+    x = batch(2)
+    opt.backward(model(input_ids=x, labels=x).loss)
+    next(p for p in model.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+    opt.step()
+    assert opt.overflow and opt.skipped_steps == 1
+    assert opt.loss_scale == 2.0 ** 15
+    assert opt.active_group == group
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.zero_grad()
+    train(model, 3 + opt.num_groups, start=3, opt=opt)
+    assert not opt.overflow
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.schedule.steps_done == 2 + opt.num_groups
+
+
+def test_loss_scaler_grows_and_round_trips():
+    s = DynamicLossScaler(init_scale=8.0, growth_interval=2)
+    for overflow in (False, False, True, False):
+        s.update(overflow)
+    assert s.scale == 8.0
+    t = DynamicLossScaler()
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict()
+    assert DynamicLossScaler.from_ds_fp16({"loss_scale": 128}).dynamic is False
+    with pytest.raises(ValueError, match="invalid loss scaler"):
+        DynamicLossScaler(init_scale=0)
+
+
+def test_store_allocates_once_one_contiguous_buffer_per_group_and_kind():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = HiFTOptimizer(model, "adamw", offload="cpu", lr=1e-2)
+    kinds = {MASTER, "exp_avg", "exp_avg_sq"}
+    assert all(set(bufs) == kinds for bufs in opt.store.home)
+    for g, bufs in enumerate(opt.store.home):
+        numel = sum(p.numel() for p in opt._params[g])
+        assert all(b.is_contiguous() and b.dim() == 1 and b.numel() == numel for b in bufs.values())
+    allocated = opt.store.allocations
+    assert allocated == opt.num_groups * len(kinds) + 2 * len(kinds)  # homes + two device slots
+    train(model, 3 * opt.num_groups, opt=opt)
+    assert opt.store.allocations == allocated
+
+
+def test_memory_report_has_no_full_fp32_copy_on_device():
+    model = tiny_llama(layers=6, dtype=torch.bfloat16)
+    opt = HiFTOptimizer(model, "adamw", offload="cpu", lr=1e-2)
+    train(model, 2, opt=opt)
+    r = opt.memory_report()
+    n = sum(p.numel() for p in model.parameters())
+    biggest = max(sum(p.numel() for p in ps) for ps in opt._params)
+    assert r["model_weights"] == 2 * n
+    assert r["state_device"] == 2 * 3 * 4 * biggest  # two slots x (master, m, v) x fp32
+    assert r["state_device"] < 4 * n  # less than one fp32 copy of the model
+    assert r["state_host_pageable"] + r["state_host_pinned"] == 3 * 4 * n
+    resident = HiFTOptimizer(tiny_llama(layers=6, dtype=torch.bfloat16), "adamw", offload="none").memory_report()
+    assert resident["state_device"] == 3 * 4 * n and resident["state_host_pageable"] == 0
+
+
+def test_offloaded_state_dict_round_trip():
+    a = tiny_llama(dtype=torch.bfloat16)
+    opt_a = train(a, 7, optimizer="adamw", offload="cpu", strategy="random", lr=1e-2)
+    saved_model, saved_opt = copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    assert len(saved_opt["state"]) == opt_a.num_groups and MASTER in saved_opt["state"][0]
+    train(a, 12, start=7, opt=opt_a)
+    b = tiny_llama(seed=5, dtype=torch.bfloat16)
+    b.load_state_dict(saved_model)
+    opt_b = HiFTOptimizer(b, "adamw", offload="cpu", strategy="random", lr=1e-2)
+    opt_b.load_state_dict(saved_opt)
+    train(b, 12, start=7, opt=opt_b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned memory and copy streams")
+def test_cuda_offload_with_prefetch_equals_resident():
+    a = tiny_llama(dtype=torch.bfloat16).cuda()
+    b = tiny_llama(dtype=torch.bfloat16).cuda()
+    train_cuda = lambda m, **kw: train(m, 15, optimizer="adamw", strategy="random", lr=1e-2, **kw)  # noqa: E731
+    train_cuda(a, offload="none")
+    opt = train_cuda(b, offload="cpu", prefetch=True)
+    assert opt.store.pinned
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

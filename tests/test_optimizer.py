@@ -1,0 +1,206 @@
+"""HiFTOptimizer against a plain-PyTorch re-implementation of HiFT's semantics (DESIGN §2)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import batch, tiny_llama
+from hift_ds import HiFTOptimizer, lr_cycle_scheduler
+
+OPTIMIZERS = {
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05)),
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    "sgd_nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "adagrad": (torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01, weight_decay=0.1)),
+}
+
+
+def train_hift(model, name, steps, **kw):
+    opt_name = "sgd" if name.startswith("sgd") else name
+    opt = HiFTOptimizer(model, opt_name, **kw, **OPTIMIZERS[name][1])
+    order = []
+    for s in range(steps):
+        order.append(opt.active_group)
+        x = batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, order
+
+
+def train_reference(model, name, order, group_names):
+    """torch.optim over all parameters; at each step only the active group has gradients."""
+    cls, kw = OPTIMIZERS[name]
+    opt = cls(model.parameters(), **kw)
+    for s, g in enumerate(order):
+        active = set(group_names[g])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in active)
+        x = batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def assert_same_params(a, b, exact=False):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if exact:
+            assert torch.equal(p, q), n
+        else:
+            torch.testing.assert_close(p, q, msg=n)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("strategy", ["bottom2up", "top2down", "random"])
+@pytest.mark.parametrize("group_size", [1, 2, 3])  # 5 units: 3 does not divide
+def test_equivalent_to_torch_with_only_active_grads(name, strategy, group_size):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    steps = 2 * -(-5 // group_size)
+    opt, order = train_hift(model, name, steps, strategy=strategy, group_size=group_size, seed=7)
+    assert opt.cycle == 2
+    assert sorted(order[:opt.num_groups]) == list(range(opt.num_groups))
+    train_reference(ref, name, order, [opt.group_param_names(i) for i in range(opt.num_groups)])
+    assert_same_params(model, ref)
+
+
+def test_custom_optimizer_class_runs_inner():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    opt = HiFTOptimizer(model, torch.optim.RMSprop, lr=1e-2, group_size=2)
+    assert opt.backend == "inner"
+    order = []
+    for s in range(2 * opt.num_groups):
+        order.append(opt.active_group)
+        x = batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ropt = torch.optim.RMSprop(ref.parameters(), lr=1e-2)
+    names = [opt.group_param_names(i) for i in range(opt.num_groups)]
+    for s, g in enumerate(order):
+        for n, p in ref.named_parameters():
+            p.requires_grad_(n in names[g])
+        x = batch(s)
+        ref(input_ids=x, labels=x).loss.backward()
+        ropt.step()
+        ropt.zero_grad()
+    assert_same_params(model, ref)
+
+
+def test_frozen_parameters_unchanged_and_without_grad():
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    named = dict(model.named_parameters())
+    for s in range(2 * opt.num_groups):
+        active = set(opt.group_param_names(opt.active_group))
+        assert all(p.requires_grad == (n in active) for n, p in named.items())
+        before = {n: p.detach().clone() for n, p in named.items()}
+        x = batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        assert all(p.grad is None for n, p in named.items() if n not in active)
+        opt.step()
+        for n, p in named.items():
+            if n not in active:
+                assert torch.equal(p, before[n]), n
+        assert any(not torch.equal(named[n], before[n]) for n in active)
+        assert all(p.grad is None for p in named.values())  # step() leaves the frozen group clean
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    a = tiny_llama()
+    b = copy.deepcopy(a)
+    opt_a = HiFTOptimizer(a, "adamw", strategy="random", seed=3, **OPTIMIZERS["adamw"][1])
+    for s in range(13):
+        x = batch(s)
+        a(input_ids=x, labels=x).loss.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        if s == 6:
+            saved_model = copy.deepcopy(a.state_dict())
+            saved_opt = copy.deepcopy(opt_a.state_dict())
+    b.load_state_dict(saved_model)
+    opt_b = HiFTOptimizer(b, "adamw", strategy="random", seed=3, **OPTIMIZERS["adamw"][1])
+    opt_b.load_state_dict(saved_opt)
+    assert opt_b.active_group == opt_a.schedule.order(1)[2]  # 7 steps done: cycle 1, index 2
+    for s in range(7, 13):
+        x = batch(s)
+        b(input_ids=x, labels=x).loss.backward()
+        opt_b.step()
+        opt_b.zero_grad()
+    assert_same_params(a, b, exact=True)
+
+
+def test_state_dict_from_other_grouping_is_rejected():
+    opt1 = HiFTOptimizer(tiny_llama(), "adamw", group_size=1)
+    opt2 = HiFTOptimizer(tiny_llama(), "adamw", group_size=2)
+    with pytest.raises(ValueError, match="grouping differs"):
+        opt2.load_state_dict(opt1.state_dict())
+    with pytest.raises(ValueError, match="not a HiFTOptimizer state dict"):
+        opt2.load_state_dict(torch.optim.AdamW(tiny_llama().parameters()).state_dict())
+    opt3 = HiFTOptimizer(tiny_llama(), "sgd", group_size=1, lr=0.1)
+    with pytest.raises(ValueError, match="saved with optimizer 'adamw'"):
+        opt3.load_state_dict(opt1.state_dict())
+
+
+def test_lr_advances_once_per_cycle():
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "sgd", lr=1.0)
+    sched = lr_cycle_scheduler(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), opt)
+    lrs = []
+    for s in range(3 * opt.num_groups):
+        lrs.append(opt.param_groups[0]["lr"])
+        x = batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    k = opt.num_groups
+    assert lrs == [1.0] * k + [0.5] * k + [0.25] * k
+    state = sched.state_dict()
+    assert state["cycles_seen"] == 3
+
+
+def test_max_grad_norm_clips_the_active_group():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    opt = HiFTOptimizer(model, "sgd", lr=0.1, max_grad_norm=0.01)
+    names = set(opt.group_param_names(0))
+    x = batch(0)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n in names)
+    ref(input_ids=x, labels=x).loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 0.01)
+    torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1).step()
+    assert_same_params(model, ref)
+
+
+def test_bad_input():
+    model = tiny_llama()
+    HiFTOptimizer(model, "adamw")  # wrapping twice is fine: the second wrapper sees every group
+    assert HiFTOptimizer(model, "adamw").num_groups == 5
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        HiFTOptimizer(model, "lamb")
+    with pytest.raises(TypeError, match="unknown adamw option"):
+        HiFTOptimizer(model, "adamw", momentum=0.9)
+    with pytest.raises(ValueError, match="not both"):
+        HiFTOptimizer(model, "adamw", group_size=2, num_groups=2)
+    with pytest.raises(ValueError, match="group_size=9"):
+        HiFTOptimizer(model, "adamw", group_size=9)
+    with pytest.raises(ValueError, match="group_size=0"):
+        HiFTOptimizer(model, "adamw", group_size=0)
+    with pytest.raises(ValueError, match="unknown HiFT strategy"):
+        HiFTOptimizer(model, "adamw", strategy="middle-out")
+    with pytest.raises(TypeError, match="needs the model"):
+        HiFTOptimizer(list(model.parameters()), "adamw")
+    with pytest.raises(TypeError, match="torch.optim.Optimizer subclass"):
+        HiFTOptimizer(model, 3)
+    with pytest.raises(ValueError, match="offload device 'disk'"):
+        HiFTOptimizer(model, "adamw", offload="disk")
+    with pytest.raises(ValueError, match="nesterov"):
+        HiFTOptimizer(model, "sgd", nesterov=True)
+    with pytest.raises(ValueError, match="need a built-in optimizer"):
+        HiFTOptimizer(model, torch.optim.RMSprop, offload="cpu")

@@ -1,0 +1,100 @@
+"""Unit discovery, name-pattern units and grouping."""
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+from hift_ds import HiFTOptimizer
+from hift_ds.units import discover_units, group_units, units_from_patterns
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+ARCHS = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, num_key_value_heads=2)),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**SMALL, num_key_value_heads=2)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL, num_key_value_heads=2)),
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0)),
+    "opt": lambda: T.OPTForCausalLM(T.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                ffn_dim=64, vocab_size=100, max_position_embeddings=64,
+                                                word_embed_proj_dim=32)),
+    "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**SMALL)),
+    "bert": lambda: T.BertForSequenceClassification(T.BertConfig(**SMALL, num_labels=3)),
+    "roberta": lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**SMALL, num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_discovery_covers_every_parameter_once(arch):
+    model = ARCHS[arch]()
+    units = discover_units(model)
+    assert len(units) == 4  # embeddings, 2 blocks, head
+    names = [n for u in units for n, _ in u.params]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert len(names) == len(set(names))
+    assert all(isinstance(dict(model.named_modules())[n.rsplit(".", 1)[0]], nn.Embedding)
+               or "embeddings" in n for n, _ in units[0].params)
+    head = [n for n, _ in units[-1].params]
+    assert any("norm" in n or "ln_f" in n or "classifier" in n for n in head), head
+    if arch in ("bert", "roberta"):
+        assert any(n.startswith("classifier") for n in head)
+
+
+def test_tied_lm_head_belongs_to_embeddings_and_updates_once():
+    model = ARCHS["gpt2"]()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    units = discover_units(model)
+    assert "transformer.wte.weight" in [n for n, _ in units[0].params]
+    assert all("lm_head" not in n for u in units for n, _ in u.params)
+    # One SGD step on the embedding group moves the tied weight by exactly lr * grad, once.
+    opt = HiFTOptimizer(model, "sgd", lr=0.1)
+    before = model.transformer.wte.weight.detach().clone()
+    x = torch.randint(0, 100, (2, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    grad = model.transformer.wte.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.lm_head.weight, before - 0.1 * grad)
+
+
+def test_patterns_define_units(llama):
+    pats = ["model.embed_tokens", "model.layers.0|model.layers.1", "model.layers.2", "model.norm|lm_head"]
+    units = units_from_patterns(llama, pats)
+    assert [len(u.params) for u in units][0] == 1
+    assert sum(len(u.params) for u in units) == len(list(llama.parameters()))
+
+
+def test_pattern_errors(llama):
+    with pytest.raises(ValueError, match="leave 2 trainable parameter"):
+        units_from_patterns(llama, ["model.embed_tokens", "model.layers.*"])
+    with pytest.raises(ValueError, match="more than one units pattern"):
+        units_from_patterns(llama, ["model.*", "model.layers.0", "lm_head"])
+    with pytest.raises(TypeError, match="list of name patterns"):
+        units_from_patterns(llama, "model.*")
+
+
+def test_unknown_architecture_asks_for_patterns():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="pass units="):
+        discover_units(model)
+    opt = HiFTOptimizer(model, "sgd", units=["0", "2"], lr=0.1)
+    assert opt.num_groups == 2
+
+
+def test_no_trainable_parameters(llama):
+    llama.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        discover_units(llama)
+
+
+def test_grouping(llama):
+    units = discover_units(llama)  # 5 units
+    assert [len(g) for g in group_units(units, 2)] == [2, 2, 1]
+    assert [len(g) for g in group_units(units, 5)] == [5]
+    assert [len(g) for g in group_units(units, None, num_groups=3)] == [2, 1, 2]
+    assert [len(g) for g in group_units(units, None, num_groups=5)] == [1] * 5
+    for bad in (0, -1, 6):
+        with pytest.raises(ValueError, match="group_size"):
+            group_units(units, bad)
+    with pytest.raises(ValueError, match="num_groups"):
+        group_units(units, None, num_groups=6)
+    with pytest.raises(ValueError, match="not both"):
+        group_units(units, 2, num_groups=2)
