@@ -54,8 +54,10 @@ def cycles_for_steps(params: dict, num_groups: int) -> dict:
     for key in _STEP_PARAMS:
         if out.get(key) is not None:
             out[key] = max(1, math.ceil(out[key] / num_groups)) if out[key] > 0 else out[key]
-    if "warmup_num_steps" in out and "total_num_steps" in out and out["warmup_num_steps"] >= out["total_num_steps"]:
-        out["warmup_num_steps"] = max(0, out["total_num_steps"] - 1)
+    warm, total = out.get("warmup_num_steps"), out.get("total_num_steps")
+    if isinstance(warm, int) and isinstance(total, int) and warm >= total:
+        # A run shorter than its warm-up in cycles: keep DeepSpeed's invariant warmup < total.
+        out["total_num_steps"] = warm + 1
     return out
 
 

@@ -1,0 +1,126 @@
+"""JSONL data for launch/train.py: classification (text/label) and instruction (instruction/input/output)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+CLASSIFICATION, INSTRUCTION = "classification", "instruction"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSONL file; errors name the file and the line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist; pass --data <path to a .jsonl file>")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}); each line must be one JSON "
+                                 "object") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    if not records:
+        raise ValueError(f"data file {path!r} has no records")
+    return records
+
+
+def detect_task(records: list[dict], path: str = "data") -> str:
+    """"classification" for text/label records, "instruction" for instruction/output records."""
+    first = records[0]
+    if "text" in first and "label" in first:
+        task, keys = CLASSIFICATION, ("text", "label")
+    elif "instruction" in first and "output" in first:
+        task, keys = INSTRUCTION, ("instruction", "output")
+    else:
+        raise ValueError(f"{path}: cannot tell the task from keys {sorted(first)}; use text/label records "
+                         "(classification) or instruction/input/output records (instruction tuning)")
+    for i, rec in enumerate(records, 1):
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {missing} (every record needs {list(keys)})")
+    return task
+
+
+def split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded train/eval split holding out ``eval_fraction`` of the records."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval fraction must be between 0 and 1, got {eval_fraction}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(records) * eval_fraction)))
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+def label_set(train: list[dict]) -> list:
+    """Sorted distinct labels of the training records."""
+    return sorted({r["label"] for r in train}, key=lambda v: (str(type(v)), v))
+
+
+@dataclass
+class Encoded(torch.utils.data.Dataset):
+    """Tokenized examples as padded tensors: input_ids, attention_mask, labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-padding tokens in the dataset."""
+        return int(self.attention_mask.sum())
+
+
+def check_max_length(max_length: int, tokenizer, model_config) -> None:
+    """Reject a sequence length beyond what the model's position embeddings cover."""
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if limit is not None and getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta"):
+        limit -= 2  # RoBERTa's position ids start after the padding index
+    if limit is not None and max_length > limit:
+        raise ValueError(f"--max-length {max_length} exceeds the model's maximum sequence length {limit}; "
+                         f"use --max-length {limit} or less")
+
+
+def encode_classification(records: list[dict], tokenizer, labels: list, max_length: int, path: str) -> Encoded:
+    """Tokenize text/label records; a label outside ``labels`` is an error naming it."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    bad = [(i, r["label"]) for i, r in enumerate(records, 1) if r["label"] not in index]
+    if bad:
+        raise ValueError(f"{path}: record {bad[0][0]} has label {bad[0][1]!r} outside the label set {labels} "
+                         f"({len(bad)} such records)")
+    enc = tokenizer([str(r["text"]) for r in records], truncation=True, max_length=max_length,
+                    padding="max_length", return_tensors="pt")
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor([index[r["label"]] for r in records]))
+
+
+def encode_instruction(records: list[dict], tokenizer, max_length: int) -> Encoded:
+    """Tokenize instruction records; prompt and padding tokens are masked out of the loss (-100)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, masks, labels = [], [], []
+    for r in records:
+        prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "") + "\n\n"
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        o = tokenizer(str(r["output"]), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            o = o + [tokenizer.eos_token_id]
+        seq = (p + o)[:max_length]
+        lab = ([-100] * len(p) + o)[:max_length]
+        n = len(seq)
+        ids.append(seq + [pad] * (max_length - n))
+        masks.append([1] * n + [0] * (max_length - n))
+        labels.append(lab + [-100] * (max_length - n))
+    return Encoded(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))

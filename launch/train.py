@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""Fine-tune a Hugging Face model with HiFT (or plain DeepSpeed full fine-tuning) on JSONL data.
+
+Run as ``deepspeed launch/train.py --deepspeed ds_configs/hift.json --model M --data D`` or as
+``python launch/train.py ...`` (one process; the distributed environment is set up here).
+With no --model/--data it fine-tunes the embedded default (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("hift_ds.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "hift.json"),
+                   help="DeepSpeed JSON config (with a \"hift\" block for --mode hift)")
+    p.add_argument("--model", default=None, help="HF model name or local directory (default: embedded MiniLM)")
+    p.add_argument("--data", default=None, help="training JSONL: text/label or instruction/input/output records "
+                   "(default: embedded dataset)")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
+    p.add_argument("--mode", choices=["hift", "fpft"], default="hift", help="HiFT, or plain DeepSpeed full fine-tuning")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (truncate/pad)")
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch per rank (overrides the config)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the config)")
+    p.add_argument("--group-size", type=int, default=None, help="units per HiFT group (overrides the config)")
+    p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default=None,
+                   help="HiFT group order (overrides the config)")
+    p.add_argument("--output-dir", default="runs/hift", help="checkpoints, logs and the final model go here")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def setup_single_process() -> None:
+    """Give a launcher-less run the environment DeepSpeed expects (one rank, a free port)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
+    """The DeepSpeed config with CLI overrides applied and "auto" step counts filled in."""
+    from hift_ds.config import load_ds_config
+
+    cfg = load_ds_config(args.deepspeed)
+    if args.batch_size:
+        cfg["train_micro_batch_size_per_gpu"] = args.batch_size
+    cfg.pop("train_batch_size", None)
+    micro = cfg.setdefault("train_micro_batch_size_per_gpu", 8)
+    gas = cfg.setdefault("gradient_accumulation_steps", 1)
+    steps_per_epoch = max(1, math.ceil(train_size / (micro * world)) // gas)
+    total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    if args.lr is not None:
+        cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = args.lr
+    sched = cfg.get("scheduler", {}).get("params", {})
+    if args.lr is not None and "warmup_max_lr" in sched:
+        sched["warmup_max_lr"] = args.lr
+    if sched.get("total_num_steps") == "auto":
+        sched["total_num_steps"] = total
+    if sched.get("warmup_num_steps") == "auto":
+        sched["warmup_num_steps"] = max(1, total // 10)
+    if args.mode == "hift":
+        if "hift" not in cfg:
+            raise ValueError(f"{args.deepspeed} has no \"hift\" block; use ds_configs/hift.json or --mode fpft")
+        if args.group_size:
+            cfg["hift"]["group_size"] = args.group_size
+        if args.strategy:
+            cfg["hift"]["strategy"] = args.strategy
+    else:
+        cfg.pop("hift", None)
+        opt = cfg.get("optimizer", {})
+        if opt.get("type", "").lower() in ("adam", "adamw"):
+            opt.setdefault("params", {})["torch_adam"] = True  # plain torch AdamW: the same maths as HiFT's
+    cfg["_total_steps"] = total
+    return cfg
+
+
+def load_model(path: str, task: str, num_labels: int):
+    """Tokenizer and model from a HF name or directory, with clear errors for missing weights."""
+    import transformers
+
+    if os.path.isdir(path) and not any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path)):
+        raise ValueError(f"model directory {path!r} has no weights (*.safetensors or *.bin); point --model at a "
+                         "saved model (save_pretrained output) or a hub name")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        if task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    except OSError as e:
+        raise ValueError(f"cannot load model {path!r}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return tok, model
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a small file so readers see the old or the new content, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict) -> None:
+    """DeepSpeed checkpoint of this step; the ``latest`` pointer moves only once it is complete."""
+    import torch.distributed as dist
+
+    tag = f"step{step}"
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    if os.environ.get("HIFT_FAULT_INJECT") == f"kill-in-save:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die after the files, before the pointer
+    if dist.is_initialized():
+        dist.barrier()
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+
+
+def evaluate(engine, loader, task: str) -> dict:
+    """Mean eval loss and, for classification, accuracy."""
+    import torch
+
+    was_training = engine.module.training
+    engine.module.eval()
+    total_loss, n_batches, correct, seen = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            out = engine.module(**batch)
+            total_loss += float(out.loss)
+            n_batches += 1
+            if task == "classification":
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                seen += len(batch["labels"])
+    engine.module.train(was_training)
+    metrics = {"eval_loss": total_loss / max(1, n_batches)}
+    if task == "classification":
+        metrics["accuracy"] = correct / max(1, seen)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, evaluate before and after, save the final model; returns the metrics."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_single_process()
+    import torch
+    import deepspeed
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm import tqdm
+
+    import hift_ds
+    from hift_ds import data as D
+    from hift_ds.defaults import default_data, default_model
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(args.seed)
+    model_path = args.model or default_model()
+    data_path = args.data or default_data()
+    records = D.read_jsonl(data_path)
+    task = D.detect_task(records, data_path)
+    if args.eval_data:
+        train_recs, eval_recs = records, D.read_jsonl(args.eval_data)
+        D.detect_task(eval_recs, args.eval_data)
+    else:
+        train_recs, eval_recs = D.split(records, args.eval_fraction, args.seed)
+    labels = D.label_set(train_recs) if task == D.CLASSIFICATION else []
+    tok, model = load_model(model_path, task, len(labels))
+    D.check_max_length(args.max_length, tok, model.config)
+    if task == D.CLASSIFICATION:
+        train_ds = D.encode_classification(train_recs, tok, labels, args.max_length, data_path)
+        eval_ds = D.encode_classification(eval_recs, tok, labels, args.max_length, args.eval_data or data_path)
+    else:
+        train_ds, eval_ds = (D.encode_instruction(r, tok, args.max_length) for r in (train_recs, eval_recs))
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = build_config(args, len(train_ds), world)
+    total_steps = cfg.pop("_total_steps")
+    init = hift_ds.initialize if args.mode == "hift" else deepspeed.initialize
+    engine, optimizer, _, scheduler = init(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad], config=cfg)
+    rank = engine.global_rank
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    # Its own generator: the loader must not draw from the global RNG that dropout uses, or a
+    # resumed run (whose iterator starts at another point) would diverge from the uninterrupted one.
+    loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = DataLoader(eval_ds, batch_size=micro)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+
+    step, before = 0, None
+    if args.resume and os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        _, client = engine.load_checkpoint(ckpt_dir)
+        step, before = client["step"], client["before"]
+        torch.set_rng_state(client["rng"])
+        log.info("resumed from %s at optimizer step %d", ckpt_dir, step)
+    elif args.resume:
+        log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
+    if before is None:
+        before = evaluate(engine, eval_loader, task)
+    if rank == 0 and step == 0 and os.path.exists(log_path):
+        os.remove(log_path)
+    if rank == 0 and step > 0 and os.path.exists(log_path):  # drop entries past the checkpoint
+        kept = [l for l in open(log_path) if json.loads(l)["step"] <= step]
+        atomic_write_text(log_path, "".join(kept))
+
+    batches_per_epoch = len(loader)
+    if batches_per_epoch < gas:
+        raise ValueError(f"{len(train_ds)} training examples make {batches_per_epoch} micro-batches per epoch, fewer "
+                         f"than gradient_accumulation_steps={gas}; lower --batch-size or add data")
+    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or rank != 0, dynamic_ncols=True,
+               desc=args.mode)
+    engine.train()
+    tokens, t0, micro_done = 0, time.time(), step * gas
+    while step < total_steps:
+        epoch, skip = divmod(micro_done, batches_per_epoch)
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            micro_done += 1
+            tokens += int(batch["attention_mask"].sum()) * world
+            if micro_done % gas:
+                continue
+            step += 1
+            loss_val = float(loss.detach())
+            lr = optimizer.param_groups[0]["lr"]
+            group = getattr(optimizer, "active_group", None)
+            entry = {"step": step, "loss": loss_val, "lr": lr, "group": group}
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", group=group,
+                            tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
+            bar.update(1)
+            if args.log_every and step % args.log_every == 0 and rank == 0:
+                log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
+            if (args.save_every and step % args.save_every == 0) or step == total_steps:
+                save_checkpoint(engine, ckpt_dir, step, {"step": step, "before": before, "rng": torch.get_rng_state()})
+            if step >= total_steps:
+                break
+    bar.close()
+    after = evaluate(engine, eval_loader, task)
+    if rank == 0:
+        final = os.path.join(args.output_dir, "final")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        result = {"mode": args.mode, "steps": step, "before": before, "after": after}
+        atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(result, indent=2))
+        rows = [(k, before[k], after[k]) for k in after]
+        print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
+        for k, b, a in rows:
+            print(f"{k:<12}{b:>10.4f}{a:>10.4f}")
+        print(f"final model: {final}")
+    return {"before": before, "after": after}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input: a clear message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()  # without it a multi-process run can exit non-zero after finishing
