@@ -111,6 +111,17 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.param_groups = self._inner.param_groups  # one list: LR schedulers reach the inner optimizer
             self.store = None
         self._steps = [[0] * len(ps) for ps in self._params]
+        # Fused path: each group's weights in one buffer and the active group's grads as views
+        # into one flat gradient buffer, so a single kernel launch updates the whole group.
+        self._flat = self.backend == "triton"
+        self._weights: list[Tensor] = []
+        self._touched: set[int] = set()
+        if self._flat:
+            self._weights = [self._flatten_weights(ps) for ps in self._params]
+            self._grad_buf = torch.zeros(max(w.numel() for w in self._weights), dtype=self.model_dtype,
+                                         device=self.device)
+            for p in all_params:
+                p.register_post_accumulate_grad_hook(lambda t: self._touched.add(id(t)))
         for ps in self._params:
             for p in ps:
                 setattr(p, HIFT_FROZEN, True)
@@ -151,9 +162,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return [u.name for u in self._unit_groups[i]]
 
     # ---- activation --------------------------------------------------------------------------
+    @staticmethod
+    def _flatten_weights(params: list[nn.Parameter]) -> Tensor:
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        off = 0
+        for p in params:
+            p.data = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+        return flat
+
     def _activate(self, g: int) -> None:
         for p in self._params[g]:
             p.requires_grad_(True)
+        if self._flat:
+            self._grad_buf.zero_()
+            self._touched.clear()
+            for p, view in zip(self._params[g], self._split(g, self._grad_buf)):
+                p.grad = view
         if self.store is not None and self.prefetch:
             self.store.prefetch(g)
 
@@ -164,6 +189,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the active group's gradients (frozen parameters never hold any)."""
+        if self._flat:  # keep the views into the flat buffer; zero it instead
+            self._grad_buf.zero_()
+            self._touched.clear()
+            return
         for p in self._params[self.active_group]:
             if set_to_none or p.grad is None:
                 p.grad = None
@@ -184,9 +213,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 loss = closure()
         g = self.active_group
         params = self._params[g]
-        idx = [i for i, p in enumerate(params) if p.grad is not None]
+        if self._flat:
+            idx = [i for i, p in enumerate(params) if id(p) in self._touched]
+            flat_grad = self._grad_buf[:self._weights[g].numel()]
+        else:
+            idx = [i for i, p in enumerate(params) if p.grad is not None]
         grads = [params[i].grad for i in idx]
-        self.overflow = self.scaler is not None and kernels.has_inf_or_nan(grads)
+        if self.scaler is None:
+            self.overflow = False
+        elif self._flat:
+            self.overflow = kernels.has_inf_or_nan_flat(flat_grad)
+        else:
+            self.overflow = kernels.has_inf_or_nan(grads)
         if self.overflow:
             # Overflow: skip, lower the scale, retry the same group on the next step.
             self.scaler.update(True)
@@ -197,7 +235,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
         inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
         if self.max_grad_norm > 0 and grads:
             # Clip by the active group's norm, folded into the unscale factor the kernel applies.
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
+            if self._flat:
+                norm = torch.linalg.vector_norm(flat_grad, dtype=torch.float32)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
             norm = float(norm) * inv_scale
             if norm > self.max_grad_norm:
                 inv_scale *= self.max_grad_norm / (norm + 1e-6)
@@ -227,11 +268,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
         targets = [masters[i] for i in idx] if masters is not None else [params[i].data for i in idx]
         state = {k: [v[i] for i in idx] for k, v in views.items()}
         hyper = {k: v for k, v in self.param_groups[g].items() if k not in ("params", "hift_group")}
+        flat = None
+        if self._flat and len(idx) == len(params):
+            n = self._weights[g].numel()
+            flat = {k: buf for k, buf in bufs.items() if k != MASTER}
+            flat.update(param=bufs[MASTER] if MASTER in bufs else self._weights[g], grad=self._grad_buf[:n])
+            if MASTER in bufs:
+                flat["model"] = self._weights[g]
+        model_params = [params[i].data for i in idx] if masters is not None and flat is None else None
         kernels.apply_update(self.name, hyper, targets, grads, state, [steps[i] for i in idx],
-                             backend=self.backend, inv_scale=inv_scale)
-        if masters is not None:
-            for i in idx:
-                params[i].data.copy_(masters[i])
+                             backend=self.backend, inv_scale=inv_scale, flat=flat, model_params=model_params)
         self.store.release(g)
 
     def _split(self, g: int, flat: Tensor) -> list[Tensor]:
@@ -294,7 +340,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Bytes by category: model weights, gradients, masters+state on device and on host."""
         params = [p for ps in self._params for p in ps]
         report = {"model_weights": sum(p.numel() * p.element_size() for p in params),
-                  "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)}
+                  "gradients": (self._grad_buf.numel() * self._grad_buf.element_size() if self._flat else
+                                sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))}
         if self.store is not None:
             loc = self.store.bytes_by_location()
             report.update(state_device=loc["device"], state_host_pinned=loc["host_pinned"],

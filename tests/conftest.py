@@ -6,6 +6,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Before transformers loads: it imports triton (via torch._dynamo), and triton reads this
+    # variable when its language helpers are first defined. Kernels then run on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
