@@ -105,10 +105,17 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         raise ValueError("hift_ds.initialize builds the optimizer from the config's \"optimizer\" block; "
                          "do not pass optimizer=")
     hift = parse_hift_config(ds_config.pop("hift"))
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage != 0:
-        raise ValueError(f"zero_optimization.stage={stage} is not supported with the hift block yet; use stage 0 "
-                         "(HiFT already keeps only the active group's gradients and state on the GPU)")
+    zero = ds_config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"zero_optimization.stage={stage} is not supported with the hift block; use 0, 1 or 2 "
+                         "(HiFT shards the active group's masters and state itself at stages 1/2)")
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        raise ValueError('zero_optimization.offload_optimizer does not apply to HiFT; use "hift": {"offload": '
+                         '{"device": "cpu"}} to keep inactive groups\' state in host memory')
+    # DeepSpeed's own ZeRO-1/2 cannot wrap a rotating trainable set (docs/architecture.md): it runs
+    # stage 0 underneath and HiFT reduce-scatters / all-gathers the active group itself.
+    zero["stage"] = 0
 
     # Mixed precision is HiFT's: DeepSpeed's BF16/FP16 wrappers would keep fp32 copies of all weights.
     scaler = None
@@ -121,12 +128,18 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         dtype, scaler = torch.float16, DynamicLossScaler.from_ds_fp16(ds_config["fp16"])
     for key in ("bf16", "fp16"):
         ds_config.pop(key, None)
-    clip = float(ds_config.pop("gradient_clipping", 0.0) or 0.0)
+    # HiFT clips by the active group's norm (after unscaling); DeepSpeed must not clip as well: its
+    # default is 1.0 when the key is absent, and it would clip fp16 gradients while still scaled.
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    clip = float(ds_config.pop("gradient_clipping", GRADIENT_CLIPPING_DEFAULT) or 0.0)
+    ds_config["gradient_clipping"] = 0.0
 
     model = model.to(device=_device(), dtype=dtype)
     name, opt_params = _optimizer_from_config(ds_config.pop("optimizer", None))
-    optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, **hift.optimizer_kwargs(),
-                              **opt_params)
+    deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
+    optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
+                              **hift.optimizer_kwargs(), **opt_params)
 
     sched_block = ds_config.pop("scheduler", None)
     if sched_block is not None and lr_scheduler is not None:
@@ -143,6 +156,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     engine, ds_opt, loader, sched = deepspeed.initialize(
         args=args, model=model, model_parameters=None, training_data=training_data, lr_scheduler=lr_scheduler,
         optimizer=optimizer, config=ds_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
+    if stage:
+        engine.enable_backward_allreduce = False  # the optimizer reduce-scatters the active group
+    # DeepSpeed's own zero_grad sets every .grad to None, which would drop the optimizer's views
+    # into its flat gradient buffer (the optimizer recovers, but at the cost of a copy).
+    engine.zero_grad = lambda: optimizer.zero_grad()
     if scaler is not None:
         _scale_engine_backward(engine, optimizer)
     return engine, ds_opt, loader, sched

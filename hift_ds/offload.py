@@ -9,7 +9,7 @@ with plain synchronous copies, which is what CPU CI exercises.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 MASTER = "master"
 
@@ -17,24 +17,21 @@ MASTER = "master"
 class GroupStore:
     """Flat per-group buffers of masters and optimizer state, resident or offloaded."""
 
-    def __init__(self, groups: list[list[nn.Parameter]], kinds: dict[str, float], *, masters: bool,
+    def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: list[Tensor] | None,
                  offload: bool, device: torch.device, pin_memory: bool = True):
         self.device = torch.device(device)
         self.offload = offload
-        self.kinds = ({MASTER: 0.0} if masters else {}) | dict(kinds)
-        self.numels = [sum(p.numel() for p in g) for g in groups]
+        self.kinds = ({MASTER: 0.0} if masters is not None else {}) | dict(kinds)
+        self.numels = list(numels)
         self.allocations = 0  # counted so tests can prove nothing is allocated per step
         on_cuda = self.device.type == "cuda"
         self.pinned = offload and pin_memory and on_cuda and torch.cuda.is_available()
         home_device = torch.device("cpu") if offload else self.device
         self.home: list[dict[str, Tensor]] = []
-        for params, n in zip(groups, self.numels):
+        for g, n in enumerate(self.numels):
             bufs = {k: self._alloc(n, home_device, fill) for k, fill in self.kinds.items()}
-            if masters:
-                off = 0
-                for p in params:
-                    bufs[MASTER][off:off + p.numel()].copy_(p.detach().reshape(-1))
-                    off += p.numel()
+            if masters is not None:
+                bufs[MASTER].copy_(masters[g])
             self.home.append(bufs)
         # Two device slots: one holds the active group, the other receives the next one while
         # the previous occupant is written back (same copy stream, so the order is guaranteed).

@@ -17,6 +17,7 @@ from hift_ds import kernels
 from hift_ds.offload import MASTER, GroupStore
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
+from hift_ds.zero import Collectives, gather_full, padded, shard_slice
 from hift_ds.units import HIFT_FROZEN, Unit, discover_units, group_units, units_from_patterns
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,22 @@ class HiFTOptimizer(torch.optim.Optimizer):
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
                  units: list[str] | None = None, offload: str = "none", pin_memory: bool = True,
                  prefetch: bool = True, kernel: str = "auto", loss_scaler: DynamicLossScaler | None = None,
-                 max_grad_norm: float = 0.0, **optimizer_kwargs):
+                 max_grad_norm: float = 0.0, zero_stage: int = 0, dp_group=None, **optimizer_kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"HiFTOptimizer needs the model (an nn.Module), got {type(model).__name__}")
         if num_groups is not None and group_size != 1:
             raise ValueError(f"set either group_size ({group_size}) or num_groups ({num_groups}), not both")
         if offload not in OFFLOAD_DEVICES:
             raise ValueError(f"offload device {offload!r} is not one of {OFFLOAD_DEVICES}")
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage={zero_stage!r}: HiFT supports ZeRO stages 0, 1 and 2")
         self.name, self._inner_cls = _resolve_optimizer(optimizer)
+        if zero_stage and self.name is None:
+            raise ValueError(f"ZeRO stage {zero_stage} needs a built-in optimizer ({sorted(kernels.DEFAULTS)})")
+        self.zero_stage = zero_stage
+        # Stages 1/2: this rank keeps 1/N of every group's masters and state (hift_ds.zero).
+        self._comm = Collectives(dp_group) if zero_stage else None
+        world = self._comm.world if self._comm else 1
         unit_list: list[Unit] = units_from_patterns(model, units) if units is not None else discover_units(model)
         self.units = unit_list
         self._unit_groups = group_units(unit_list, None if num_groups else group_size, num_groups)
@@ -96,8 +105,17 @@ class HiFTOptimizer(torch.optim.Optimizer):
             hyper = _builtin_hyper(self.name, optimizer_kwargs)
             self.backend = kernels.resolve_backend(kernel, self.device)
             super().__init__([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)], hyper)
-            self.store = GroupStore(self._params, kernels.state_kinds(self.name, hyper), masters=self.masters,
-                                    offload=offload == "cpu", device=self.device, pin_memory=pin_memory)
+            self._flat = self.backend == "triton" or self._comm is not None
+            self._weights = [self._flatten_weights(ps, world) for ps in self._params] if self._flat else []
+            numels = [sum(p.numel() for p in ps) for ps in self._params]
+            self._slices = [shard_slice(n, world, self._comm.rank) if self._comm else slice(0, n) for n in numels]
+            masters = None
+            if self.masters:
+                masters = ([w[sl] for w, sl in zip(self._weights, self._slices)] if self._comm
+                           else _GroupMasters(self._params))
+            self.store = GroupStore([sl.stop - sl.start for sl in self._slices], kernels.state_kinds(self.name, hyper),
+                                    masters=masters, offload=offload == "cpu", device=self.device,
+                                    pin_memory=pin_memory)
             self._inner = None
         else:
             if offload != "none" or self.masters:
@@ -105,6 +123,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                                  f"({sorted(kernels.DEFAULTS)}); {optimizer.__name__} runs only in fp32 "
                                  "with offload 'none'")
             self.backend = "inner"
+            self._flat, self._weights = False, []
             self._inner = self._inner_cls([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)],
                                           **optimizer_kwargs)
             super().__init__(self._inner.param_groups, self._inner.defaults)
@@ -113,13 +132,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._steps = [[0] * len(ps) for ps in self._params]
         # Fused path: each group's weights in one buffer and the active group's grads as views
         # into one flat gradient buffer, so a single kernel launch updates the whole group.
-        self._flat = self.backend == "triton"
-        self._weights: list[Tensor] = []
         self._touched: set[int] = set()
         if self._flat:
-            self._weights = [self._flatten_weights(ps) for ps in self._params]
             self._grad_buf = torch.zeros(max(w.numel() for w in self._weights), dtype=self.model_dtype,
                                          device=self.device)
+            if self._comm is not None:
+                self._grad_shard = torch.zeros(max(sl.stop - sl.start for sl in self._slices),
+                                               dtype=self.model_dtype, device=self.device)
             for p in all_params:
                 p.register_post_accumulate_grad_hook(lambda t: self._touched.add(id(t)))
         for ps in self._params:
@@ -163,8 +182,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     # ---- activation --------------------------------------------------------------------------
     @staticmethod
-    def _flatten_weights(params: list[nn.Parameter]) -> Tensor:
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
+    def _flatten_weights(params: list[nn.Parameter], world: int = 1) -> Tensor:
+        n = sum(p.numel() for p in params)
+        flat = torch.zeros(padded(n, world), dtype=params[0].dtype, device=params[0].device)
+        torch.cat([p.detach().reshape(-1) for p in params], out=flat[:n])
         off = 0
         for p in params:
             p.data = flat[off:off + p.numel()].view_as(p)
@@ -186,6 +207,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for p in self._params[g]:
             p.requires_grad_(False)
             p.grad = None
+
+    def _adopt_grads(self, g: int) -> None:
+        # Something set .grad to None after activation (DeepSpeed's engine.zero_grad, a user's
+        # model.zero_grad()), so autograd made fresh tensors: move them into the flat buffer.
+        for p, view in zip(self._params[g], self._split(g, self._grad_buf)):
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+                p.grad = view
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the active group's gradients (frozen parameters never hold any)."""
@@ -214,17 +243,25 @@ class HiFTOptimizer(torch.optim.Optimizer):
         g = self.active_group
         params = self._params[g]
         if self._flat:
+            self._adopt_grads(g)
+        inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
+        if self._comm is not None:
+            # Sum over ranks lands as this rank's shard; divide by N for the data-parallel mean.
+            flat_grad = self._grad_shard[:self._slices[g].stop - self._slices[g].start]
+            self._comm.reduce_scatter(flat_grad, self._grad_buf[:self._weights[g].numel()])
+            inv_scale /= self._comm.world
+            idx, grads = list(range(len(params))), [flat_grad]
+        elif self._flat:
             idx = [i for i, p in enumerate(params) if id(p) in self._touched]
             flat_grad = self._grad_buf[:self._weights[g].numel()]
+            grads = [params[i].grad for i in idx]
         else:
             idx = [i for i, p in enumerate(params) if p.grad is not None]
-        grads = [params[i].grad for i in idx]
-        if self.scaler is None:
-            self.overflow = False
-        elif self._flat:
-            self.overflow = kernels.has_inf_or_nan_flat(flat_grad)
-        else:
-            self.overflow = kernels.has_inf_or_nan(grads)
+            grads = [params[i].grad for i in idx]
+        self.overflow = False
+        if self.scaler is not None:
+            bad = kernels.has_inf_or_nan_flat(flat_grad) if self._flat else kernels.has_inf_or_nan(grads)
+            self.overflow = bool(self._reduce(torch.tensor([float(bad)], device=self.device), "max"))
         if self.overflow:
             # Overflow: skip, lower the scale, retry the same group on the next step.
             self.scaler.update(True)
@@ -232,17 +269,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.zero_grad()
             logger.warning("fp16 overflow: step skipped, loss scale now %g", self.scaler.scale)
             return loss
-        inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
         if self.max_grad_norm > 0 and grads:
             # Clip by the active group's norm, folded into the unscale factor the kernel applies.
-            if self._flat:
-                norm = torch.linalg.vector_norm(flat_grad, dtype=torch.float32)
-            else:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
-            norm = float(norm) * inv_scale
+            sq = torch.linalg.vector_norm(flat_grad, dtype=torch.float32) ** 2 if self._flat else sum(
+                torch.linalg.vector_norm(gr.float()) ** 2 for gr in grads)
+            norm = float(self._reduce(sq.reshape(1), "sum")) ** 0.5 * inv_scale
             if norm > self.max_grad_norm:
                 inv_scale *= self.max_grad_norm / (norm + 1e-6)
-        if grads:
+        if self._comm is not None:
+            self._update_shard(g, flat_grad, inv_scale)
+        elif grads:
             if self._inner is not None:
                 if inv_scale != 1.0:
                     for gr in grads:
@@ -280,6 +316,31 @@ class HiFTOptimizer(torch.optim.Optimizer):
                              backend=self.backend, inv_scale=inv_scale, flat=flat, model_params=model_params)
         self.store.release(g)
 
+    def _reduce(self, t: Tensor, op: str) -> float:
+        if self._comm is not None:
+            self._comm.all_reduce(t, op)
+        return float(t)
+
+    def _update_shard(self, g: int, grad: Tensor, inv_scale: float) -> None:
+        """ZeRO-1/2: update this rank's shard of group ``g``, then all-gather the new weights."""
+        weight = self._weights[g][self._slices[g]]
+        bufs = self.store.acquire(g)
+        step = self._steps[g][0] + 1  # a shard spans parameters, which all advance together here
+        self._steps[g] = [step] * len(self._steps[g])
+        state = {k: [v] for k, v in bufs.items() if k != MASTER}
+        target = bufs.get(MASTER, weight)
+        flat = None
+        if self.backend == "triton":
+            flat = {k: v for k, v in bufs.items() if k != MASTER} | {"param": target, "grad": grad}
+            if MASTER in bufs:
+                flat["model"] = weight
+        hyper = {k: v for k, v in self.param_groups[g].items() if k not in ("params", "hift_group")}
+        kernels.apply_update(self.name, hyper, [target], [grad], state, [step], backend=self.backend,
+                             inv_scale=inv_scale, flat=flat,
+                             model_params=[weight] if MASTER in bufs and flat is None else None)
+        self.store.release(g)
+        self._comm.all_gather(self._weights[g], weight)
+
     def _split(self, g: int, flat: Tensor) -> list[Tensor]:
         out, off = [], 0
         for p in self._params[g]:
@@ -300,7 +361,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
             out["inner"] = self._inner.state_dict()
         else:
             self.store.synchronize()
-            out["state"] = [dict(bufs) for bufs in self.store.home]
+            if self._comm is not None:  # rank-independent layout: whole groups, unpadded
+                numels = [sum(p.numel() for p in ps) for ps in self._params]
+                out["state"] = [{k: gather_full(self._comm, buf, n, self.device) for k, buf in bufs.items()}
+                                for bufs, n in zip(self.store.home, numels)]
+            else:
+                out["state"] = [dict(bufs) for bufs in self.store.home]
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -324,9 +390,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.store.invalidate()
             for g, (home, saved) in enumerate(zip(self.store.home, state_dict["state"])):
                 for k, buf in home.items():
-                    buf.copy_(saved[k])
-                if MASTER in home:
-                    for p, m in zip(self._params[g], self._split(g, home[MASTER])):
+                    if k not in saved:
+                        raise ValueError(f"checkpoint lacks optimizer state {k!r} of group {g}; it was saved with "
+                                         "other optimizer settings (e.g. amsgrad, momentum or precision)")
+                    full = saved[k].reshape(-1)
+                    buf.copy_(torch.nn.functional.pad(full, (0, self._slices[g].stop - full.numel()))[self._slices[g]]
+                              if self._comm is not None else full)
+                if MASTER in saved and self.masters:
+                    for p, m in zip(self._params[g], self._split(g, saved[MASTER].to(self.device))):
                         p.data.copy_(m)
         self._steps = [list(s) for s in meta["steps"]]
         self.skipped_steps = meta["skipped_steps"]
@@ -340,7 +411,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Bytes by category: model weights, gradients, masters+state on device and on host."""
         params = [p for ps in self._params for p in ps]
         report = {"model_weights": sum(p.numel() * p.element_size() for p in params),
-                  "gradients": (self._grad_buf.numel() * self._grad_buf.element_size() if self._flat else
+                  "gradients": (sum(b.numel() * b.element_size() for b in (self._grad_buf, getattr(
+                                    self, "_grad_shard", self._grad_buf[:0]))) if self._flat else
                                 sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))}
         if self.store is not None:
             loc = self.store.bytes_by_location()
@@ -351,6 +423,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
                                            for t in s.values() if torch.is_tensor(t)),
                           state_host_pinned=0, state_host_pageable=0)
         return report
+
+
+class _GroupMasters:
+    """Lazily flattened fp32 copies of each group's weights: the initial masters, one group at a time."""
+
+    def __init__(self, groups: list[list[nn.Parameter]]):
+        self.groups = groups
+
+    def __getitem__(self, g: int) -> Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.groups[g]])
 
 
 def lr_cycle_scheduler(scheduler, optimizer: HiFTOptimizer) -> "CycleLRScheduler":

@@ -186,3 +186,19 @@ def test_fused_flat_path_fp16_overflow_skips():
     opt.step()
     assert opt.overflow and opt.active_group == 0 and opt.loss_scale == 2.0 ** 15
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_flat_path_survives_grads_set_to_none():
+    """model.zero_grad() / DeepSpeed's engine.zero_grad() drop .grad views: the update must still see grads."""
+    a, b = tiny_llama(), tiny_llama()
+    opt_a = HiFTOptimizer(a, "sgd", lr=0.1, zero_stage=1)  # flat buffers, one rank
+    opt_b = HiFTOptimizer(b, "sgd", lr=0.1)
+    for s in range(6):
+        x = batch(s)
+        a.zero_grad(set_to_none=True)
+        for m, o in ((a, opt_a), (b, opt_b)):
+            m(input_ids=x, labels=x).loss.backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
