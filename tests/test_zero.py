@@ -1,0 +1,90 @@
+"""HiFT with ZeRO-1/2 on 2 and 4 gloo ranks (torchrun subprocesses running tests/_zero_worker.py)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def torchrun(world: int, out: str, ckpt: str, phase: str) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                           "--master_port", str(port), os.path.join(HERE, "_zero_worker.py"), out, ckpt, phase],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(os.path.join(out, f"{phase}_w{world}.pt"), weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    ckpt = str(out / "ckpt")
+    res = {w: torchrun(w, str(out), ckpt if w == 2 else str(out / f"ck{w}"), "train") for w in (2, 4)}
+    res.update({f"resume{w}": torchrun(w, str(out), ckpt, "resume") for w in (1, 4)})
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sharded_stages_equal_stage0(runs, world, opt, stage):
+    r = runs[world]
+    assert r[(opt, stage)]["ranks_equal"] and r[(opt, 0)]["ranks_equal"]
+    for a, b in zip(r[(opt, 0)]["params"], r[(opt, stage)]["params"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_state_per_rank_is_one_nth(runs, world):
+    for opt, kinds in (("adamw", 2), ("sgd", 1)):
+        r = runs[world]
+        full = r[(opt, 0)]["memory"]["state_device"]
+        assert full == kinds * 4 * sum(r[(opt, 0)]["group_numels"])
+        padding = kinds * 4 * len(r[(opt, 0)]["group_numels"]) * world
+        assert full / world <= r[(opt, 1)]["memory"]["state_device"] <= full / world + padding
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bytes_communicated_are_the_active_groups_only(runs, world):
+    r = runs[world][("adamw", 1)]
+    n = r["group_numels"][r["first_group"]]
+    padded = -(-n // world) * world
+    # fp32 grads reduce-scattered, fp32 weights all-gathered, one fp32 norm² for clipping
+    assert r["bytes_first_step"] == {"reduce_scatter": 4 * padded, "all_gather": 4 * padded, "all_reduce": 4}
+    assert padded < sum(r["group_numels"])  # frozen groups are not part of it
+
+
+def test_random_order_is_identical_on_all_ranks(runs):
+    assert runs[2][("adamw", 1)]["order"] == runs[4][("adamw", 1)]["order"]
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(runs, world):
+    for a, b in zip(runs[2]["uninterrupted"], runs[f"resume{world}"]["resumed"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("zero, message", [
+    ({"stage": 3}, "stage=3 is not supported with the hift block"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer does not apply to HiFT"),
+])
+def test_unsupported_zero_settings_are_clear_errors(zero, message, monkeypatch):
+    import hift_ds
+    from conftest import tiny_llama
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, os.environ.get(k, v))
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "hift": {}}
+    with pytest.raises(ValueError, match=message):
+        hift_ds.initialize(model=tiny_llama(), config=cfg)
