@@ -1,0 +1,34 @@
+"""Model presets shared by the profiler and the benchmarks: LLaMA shapes built from a config."""
+from __future__ import annotations
+
+import torch
+
+PRESETS = {
+    # hidden, layers, intermediate, heads, kv heads, vocab
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+                max_positions: int = 4096):
+    """A causal LM: a preset built from its config (random init, seeded) or a HF name/path."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if name in PRESETS:
+        cfg = transformers.LlamaConfig(**PRESETS[name], max_position_embeddings=max_positions)
+        with torch.device(device):
+            return transformers.LlamaForCausalLM(cfg).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype)
+    return model.to(device)
+
+
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, step: int, device="cpu") -> torch.Tensor:
+    """Token ids for ``step``, the same in every mode and process (seeded by the step)."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    return torch.randint(0, vocab_size, (batch_size, seq_len), generator=g).to(device)
