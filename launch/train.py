@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--profile", action="store_true", help="sample memory during training (hift_ds.profile); "
+                   "writes profile.json and profile.png to --output-dir")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -167,6 +169,11 @@ def evaluate(engine, loader, task: str) -> dict:
     return metrics
 
 
+def _mark(prof, phase: str | None) -> None:
+    if prof is not None:
+        prof.mark(phase)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train, evaluate before and after, save the final model; returns the metrics."""
     args = parse_args(argv)
@@ -241,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
                          f"than gradient_accumulation_steps={gas}; lower --batch-size or add data")
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or rank != 0, dynamic_ncols=True,
                desc=args.mode)
+    prof = None
+    if args.profile:
+        from hift_ds.profile import MemoryProfiler
+        prof = MemoryProfiler(interval_ms=10, optimizer=optimizer if hasattr(optimizer, "memory_report") else None)
+        prof.start()
     engine.train()
     tokens, t0, micro_done = 0, time.time(), step * gas
     while step < total_steps:
@@ -250,9 +262,13 @@ def main(argv: list[str] | None = None) -> dict:
             if i < skip:
                 continue
             batch = {k: v.to(engine.device) for k, v in batch.items()}
+            _mark(prof, "forward")
             loss = engine(**batch).loss
+            _mark(prof, "backward")
             engine.backward(loss)
+            _mark(prof, "step")
             engine.step()
+            _mark(prof, None)
             micro_done += 1
             tokens += int(batch["attention_mask"].sum()) * world
             if micro_done % gas:
@@ -275,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
             if step >= total_steps:
                 break
     bar.close()
+    if prof is not None:
+        prof.stop()
+        if rank == 0:
+            with open(os.path.join(args.output_dir, "profile.json"), "w") as f:
+                json.dump(prof.summary(), f, indent=2)
+            prof.plot(os.path.join(args.output_dir, "profile.png"), title=f"{args.mode} training")
     after = evaluate(engine, eval_loader, task)
     if rank == 0:
         final = os.path.join(args.output_dir, "final")

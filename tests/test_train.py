@@ -69,7 +69,7 @@ def test_classification_learns_and_saves_a_loadable_model(assets, tmp_path):
     import transformers
     out = tmp_path / "run"
     res = train.main(["--model", assets["model"], "--data", assets["data"], "--output-dir", str(out), "--epochs", "8",
-                      "--lr", "1e-2", *FAST])
+                      "--lr", "1e-2", "--profile", *FAST])
     assert res["after"]["accuracy"] >= res["before"]["accuracy"] + 0.3
     assert res["after"]["eval_loss"] < res["before"]["eval_loss"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "final")
@@ -79,6 +79,10 @@ def test_classification_learns_and_saves_a_loadable_model(assets, tmp_path):
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [e["step"] for e in log] == list(range(1, len(log) + 1))
     assert {e["group"] for e in log} == set(range(4))
+    profile = json.loads((out / "profile.json").read_text())  # --profile: the same profiler as the CLI
+    assert set(profile["phases"]) == {"forward", "backward", "step"} and profile["peak"]["rss"] > 0
+    import matplotlib.image
+    assert matplotlib.image.imread(out / "profile.png").ndim == 3
 
 
 def test_instruction_task_masks_the_prompt(assets, tmp_path):
