@@ -20,6 +20,7 @@ from torch import nn
 from hift_ds.config import load_ds_config, parse_hift_config
 from hift_ds.optimizer import CycleLRScheduler, HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler
+from hift_ds.zero import DEFAULT_BUCKET_NUMEL
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     model = model.to(device=_device(), dtype=dtype)
     name, opt_params = _optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
+    buckets = {"reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
+               "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}
     optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
-                              **hift.optimizer_kwargs(), **opt_params)
+                              **buckets, **hift.optimizer_kwargs(), **opt_params)
 
     sched_block = ds_config.pop("scheduler", None)
     if sched_block is not None and lr_scheduler is not None:
@@ -158,12 +161,25 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         optimizer=optimizer, config=ds_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
     if stage:
         engine.enable_backward_allreduce = False  # the optimizer reduce-scatters the active group
+    if optimizer.reduces_in_backward:
+        _arm_reduction_in_backward(engine, optimizer)
     # DeepSpeed's own zero_grad sets every .grad to None, which would drop the optimizer's views
     # into its flat gradient buffer (the optimizer recovers, but at the cost of a copy).
     engine.zero_grad = lambda: optimizer.zero_grad()
     if scaler is not None:
         _scale_engine_backward(engine, optimizer)
     return engine, ds_opt, loader, sched
+
+
+def _arm_reduction_in_backward(engine, optimizer: HiFTOptimizer) -> None:
+    # ZeRO-2: gradients are reduced while the last micro-batch's backward produces them.
+    backward = engine.backward
+
+    def reducing_backward(loss, *args, **kwargs):
+        optimizer.reduce_in_next_backward(engine.is_gradient_accumulation_boundary())
+        return backward(loss, *args, **kwargs)
+
+    engine.backward = reducing_backward
 
 
 def _scale_engine_backward(engine, optimizer: HiFTOptimizer) -> None:

@@ -7,6 +7,7 @@ a ``GroupStore`` of flat per-group buffers updated by ``hift_ds.kernels``; any o
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Iterable
 
@@ -17,7 +18,7 @@ from hift_ds import kernels
 from hift_ds.offload import MASTER, GroupStore
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
-from hift_ds.zero import Collectives, gather_full, padded, shard_slice
+from hift_ds.zero import DEFAULT_BUCKET_NUMEL, Collectives, GradReducer, ShardLayout
 from hift_ds.units import HIFT_FROZEN, Unit, discover_units, group_units, units_from_patterns
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
                  units: list[str] | None = None, offload: str = "none", pin_memory: bool = True,
                  prefetch: bool = True, kernel: str = "auto", loss_scaler: DynamicLossScaler | None = None,
-                 max_grad_norm: float = 0.0, zero_stage: int = 0, dp_group=None, **optimizer_kwargs):
+                 max_grad_norm: float = 0.0, zero_stage: int = 0, dp_group=None,
+                 reduce_bucket_size: int = DEFAULT_BUCKET_NUMEL, overlap_comm: bool = True, **optimizer_kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"HiFTOptimizer needs the model (an nn.Module), got {type(model).__name__}")
         if num_groups is not None and group_size != 1:
@@ -75,6 +77,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # Stages 1/2: this rank keeps 1/N of every group's masters and state (hift_ds.zero).
         self._comm = Collectives(dp_group) if zero_stage else None
         world = self._comm.world if self._comm else 1
+        self._overlap = zero_stage == 2 and overlap_comm  # stage 2: reduce buckets during backward
         unit_list: list[Unit] = units_from_patterns(model, units) if units is not None else discover_units(model)
         self.units = unit_list
         self._unit_groups = group_units(unit_list, None if num_groups else group_size, num_groups)
@@ -106,14 +109,17 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.backend = kernels.resolve_backend(kernel, self.device)
             super().__init__([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)], hyper)
             self._flat = self.backend == "triton" or self._comm is not None
-            self._weights = [self._flatten_weights(ps, world) for ps in self._params] if self._flat else []
             numels = [sum(p.numel() for p in ps) for ps in self._params]
-            self._slices = [shard_slice(n, world, self._comm.rank) if self._comm else slice(0, n) for n in numels]
+            buckets = reduce_bucket_size if self._overlap else None
+            self._layouts = [ShardLayout(n, world, self._comm.rank, buckets) for n in numels] if self._comm else []
+            sizes = [lay.padded for lay in self._layouts] or numels
+            self._weights = [self._flatten_weights(ps, n) for ps, n in zip(self._params, sizes)] if self._flat else []
             masters = None
             if self.masters:
-                masters = ([w[sl] for w, sl in zip(self._weights, self._slices)] if self._comm
-                           else _GroupMasters(self._params))
-            self.store = GroupStore([sl.stop - sl.start for sl in self._slices], kernels.state_kinds(self.name, hyper),
+                masters = (_Lazy(lambda g: self._layouts[g].shard_of(self._weights[g])) if self._comm else
+                           _Lazy(lambda g: torch.cat([p.detach().reshape(-1).float() for p in self._params[g]])))
+            self.store = GroupStore([lay.shard_numel for lay in self._layouts] or numels,
+                                    kernels.state_kinds(self.name, hyper),
                                     masters=masters, offload=offload == "cpu", device=self.device,
                                     pin_memory=pin_memory)
             self._inner = None
@@ -133,14 +139,21 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # Fused path: each group's weights in one buffer and the active group's grads as views
         # into one flat gradient buffer, so a single kernel launch updates the whole group.
         self._touched: set[int] = set()
+        self._reducer: GradReducer | None = None
+        self._offset = {id(p): off for ps in self._params
+                        for p, off in zip(ps, itertools.accumulate([0] + [q.numel() for q in ps]))}
         if self._flat:
             self._grad_buf = torch.zeros(max(w.numel() for w in self._weights), dtype=self.model_dtype,
                                          device=self.device)
             if self._comm is not None:
-                self._grad_shard = torch.zeros(max(sl.stop - sl.start for sl in self._slices),
-                                               dtype=self.model_dtype, device=self.device)
+                # This rank's summed gradient and updated weights, one shard of a group each.
+                shard = max(lay.shard_numel for lay in self._layouts)
+                self._grad_shard = torch.zeros(shard, dtype=self.model_dtype, device=self.device)
+                self._weight_shard = torch.zeros(shard, dtype=self.model_dtype, device=self.device)
+                self._reducer = GradReducer(self._comm, self._params, self._layouts, self._grad_buf,
+                                            self._grad_shard)
             for p in all_params:
-                p.register_post_accumulate_grad_hook(lambda t: self._touched.add(id(t)))
+                p.register_post_accumulate_grad_hook(self._on_grad)
         for ps in self._params:
             for p in ps:
                 setattr(p, HIFT_FROZEN, True)
@@ -172,6 +185,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Current fp16 loss scale (1.0 without a scaler)."""
         return self.scaler.scale if self.scaler is not None else 1.0
 
+    @property
+    def reduces_in_backward(self) -> bool:
+        """Whether ZeRO-2 reduces gradients during backward (armed by ``backward()`` each time)."""
+        return self._overlap
+
     def group_param_names(self, i: int) -> list[str]:
         """Names of the parameters in group ``i``."""
         return list(self._names[i])
@@ -182,9 +200,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     # ---- activation --------------------------------------------------------------------------
     @staticmethod
-    def _flatten_weights(params: list[nn.Parameter], world: int = 1) -> Tensor:
+    def _flatten_weights(params: list[nn.Parameter], size: int) -> Tensor:
         n = sum(p.numel() for p in params)
-        flat = torch.zeros(padded(n, world), dtype=params[0].dtype, device=params[0].device)
+        flat = torch.zeros(size, dtype=params[0].dtype, device=params[0].device)
         torch.cat([p.detach().reshape(-1) for p in params], out=flat[:n])
         off = 0
         for p in params:
@@ -216,8 +234,26 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 view.copy_(p.grad)
                 p.grad = view
 
+    def _on_grad(self, p: nn.Parameter) -> None:
+        # Post-accumulate hook: the parameter's gradient for this backward is complete.
+        self._touched.add(id(p))
+        if self._reducer is not None and self._reducer.armed:
+            off = self._offset[id(p)]
+            view = self._grad_buf[off:off + p.numel()].view_as(p)
+            if p.grad.data_ptr() != view.data_ptr():  # a fresh tensor (see _adopt_grads)
+                view.copy_(p.grad)
+                p.grad = view
+            self._reducer.on_grad(p)
+
+    def reduce_in_next_backward(self, last_micro_batch: bool = True) -> None:
+        """ZeRO-2: reduce the coming backward's gradients as produced (only on the last micro-batch)."""
+        if self._overlap and last_micro_batch:
+            self._reducer.arm(self.active_group)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the active group's gradients (frozen parameters never hold any)."""
+        if self._reducer is not None:
+            self._reducer.wait()  # no reduction may still be reading the buffer
         if self._flat:  # keep the views into the flat buffer; zero it instead
             self._grad_buf.zero_()
             self._touched.clear()
@@ -228,8 +264,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
             else:
                 p.grad.zero_()
 
-    def backward(self, loss: Tensor) -> None:
-        """``loss.backward()`` with the fp16 loss scale applied."""
+    def backward(self, loss: Tensor, last_micro_batch: bool = True) -> None:
+        """``loss.backward()`` with the fp16 loss scale applied (and ZeRO-2 reduction overlapped)."""
+        self.reduce_in_next_backward(last_micro_batch)
         (loss * self.loss_scale if self.scaler is not None else loss).backward()
 
     # ---- the step ----------------------------------------------------------------------------
@@ -246,9 +283,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._adopt_grads(g)
         inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
         if self._comm is not None:
-            # Sum over ranks lands as this rank's shard; divide by N for the data-parallel mean.
-            flat_grad = self._grad_shard[:self._slices[g].stop - self._slices[g].start]
-            self._comm.reduce_scatter(flat_grad, self._grad_buf[:self._weights[g].numel()])
+            # Sum over ranks lands as this rank's shard (stage 2: mostly during backward already);
+            # divide by N for the data-parallel mean.
+            flat_grad = self._reducer.finish(g)
             inv_scale /= self._comm.world
             idx, grads = list(range(len(params))), [flat_grad]
         elif self._flat:
@@ -323,7 +360,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def _update_shard(self, g: int, grad: Tensor, inv_scale: float) -> None:
         """ZeRO-1/2: update this rank's shard of group ``g``, then all-gather the new weights."""
-        weight = self._weights[g][self._slices[g]]
+        lay = self._layouts[g]
+        weight = self._weight_shard[:lay.shard_numel]
+        if not self.masters:  # fp32: the weights themselves are what the update reads
+            weight.view(lay.buckets, lay.chunk).copy_(lay.shard_view(self._weights[g]))
         bufs = self.store.acquire(g)
         step = self._steps[g][0] + 1  # a shard spans parameters, which all advance together here
         self._steps[g] = [step] * len(self._steps[g])
@@ -339,7 +379,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
                              inv_scale=inv_scale, flat=flat,
                              model_params=[weight] if MASTER in bufs and flat is None else None)
         self.store.release(g)
-        self._comm.all_gather(self._weights[g], weight)
+        for b in range(lay.buckets):
+            self._comm.all_gather(self._weights[g][lay.bucket(b)], weight[lay.shard_chunk(b)])
 
     def _split(self, g: int, flat: Tensor) -> list[Tensor]:
         out, off = [], 0
@@ -362,9 +403,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         else:
             self.store.synchronize()
             if self._comm is not None:  # rank-independent layout: whole groups, unpadded
-                numels = [sum(p.numel() for p in ps) for ps in self._params]
-                out["state"] = [{k: gather_full(self._comm, buf, n, self.device) for k, buf in bufs.items()}
-                                for bufs, n in zip(self.store.home, numels)]
+                out["state"] = [{k: lay.gather_full(self._comm, buf, self.device) for k, buf in bufs.items()}
+                                for bufs, lay in zip(self.store.home, self._layouts)]
             else:
                 out["state"] = [dict(bufs) for bufs in self.store.home]
         return out
@@ -394,8 +434,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"checkpoint lacks optimizer state {k!r} of group {g}; it was saved with "
                                          "other optimizer settings (e.g. amsgrad, momentum or precision)")
                     full = saved[k].reshape(-1)
-                    buf.copy_(torch.nn.functional.pad(full, (0, self._slices[g].stop - full.numel()))[self._slices[g]]
-                              if self._comm is not None else full)
+                    buf.copy_(self._layouts[g].shard_of(full) if self._comm is not None else full)
                 if MASTER in saved and self.masters:
                     for p, m in zip(self._params[g], self._split(g, saved[MASTER].to(self.device))):
                         p.data.copy_(m)
@@ -410,7 +449,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def memory_report(self) -> dict[str, int]:
         """Bytes by category: model weights, gradients, masters+state on device and on host."""
         params = [p for ps in self._params for p in ps]
-        report = {"model_weights": sum(p.numel() * p.element_size() for p in params),
+        scratch = getattr(self, "_weight_shard", None)  # ZeRO: this rank's updated weights before the gather
+        report = {"model_weights": sum(p.numel() * p.element_size() for p in params) + (
+                      scratch.numel() * scratch.element_size() if scratch is not None else 0),
                   "gradients": (sum(b.numel() * b.element_size() for b in (self._grad_buf, getattr(
                                     self, "_grad_shard", self._grad_buf[:0]))) if self._flat else
                                 sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))}
@@ -425,14 +466,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return report
 
 
-class _GroupMasters:
-    """Lazily flattened fp32 copies of each group's weights: the initial masters, one group at a time."""
+class _Lazy:
+    """A sequence whose item g is computed when read: initial masters, one group at a time."""
 
-    def __init__(self, groups: list[list[nn.Parameter]]):
-        self.groups = groups
+    def __init__(self, item: Callable[[int], Tensor]):
+        self.item = item
 
     def __getitem__(self, g: int) -> Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.groups[g]])
+        return self.item(g)
 
 
 def lr_cycle_scheduler(scheduler, optimizer: HiFTOptimizer) -> "CycleLRScheduler":

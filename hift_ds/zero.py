@@ -1,7 +1,12 @@
 """ZeRO-1/2 for HiFT: the active group's gradients reduce-scattered, its masters/state sharded.
 
-Each group's flat buffer is padded to a multiple of the data-parallel world size N; rank r owns
-elements [r*s, (r+1)*s) with s = padded/N of every group, and its store holds only that shard.
+A group's flat buffer of n elements is cut into ``nb`` buckets of N chunks of c elements each
+(padded to nb*N*c); rank r owns chunk r of every bucket, so its shard is nb*c elements and its
+store holds only that. Stage 1 uses one bucket (rank r owns one contiguous 1/N slice); stage 2
+uses buckets of about ``reduce_bucket_size`` elements and reduce-scatters each bucket as soon as
+backward has produced all of its gradients, overlapping the rest of backward. Results equal
+stage 0/1 up to the order in which a collective adds the ranks' values (bit-exact at 2 ranks).
+
 Per optimizer step (DESIGN §2) the traffic of rank-local buffers is:
 
     reduce_scatter  padded_numel(active group) * grad element size
@@ -16,6 +21,10 @@ import collections
 
 import torch
 from torch import Tensor
+
+# Stage 2 bucket size in elements when the config has no reduce_bucket_size: DeepSpeed's default
+# (5e8) is sized for a whole model and would make one bucket of any HiFT group.
+DEFAULT_BUCKET_NUMEL = 2 ** 24
 
 
 def _backend():
@@ -39,13 +48,13 @@ class Collectives:
         self.rank = self.dist.get_rank(group=group) if self.dist else 0
         self.bytes: collections.Counter[str] = collections.Counter()
 
-    def reduce_scatter(self, out: Tensor, inp: Tensor) -> None:
-        """``out`` = this rank's 1/N slice of the sum of ``inp`` over ranks."""
+    def reduce_scatter(self, out: Tensor, inp: Tensor, async_op: bool = False):
+        """``out`` = this rank's 1/N slice of the sum of ``inp`` over ranks (a handle if ``async_op``)."""
         if self.world == 1:
             out.copy_(inp)
-            return
+            return None
         self.bytes["reduce_scatter"] += inp.numel() * inp.element_size()
-        self.dist.reduce_scatter_tensor(out, inp, group=self.group)
+        return self.dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=async_op)
 
     def all_gather(self, out: Tensor, inp: Tensor) -> None:
         """``out`` = every rank's ``inp`` concatenated in rank order (``inp`` may be a slice of ``out``)."""
@@ -54,7 +63,7 @@ class Collectives:
                 out.copy_(inp)
             return
         self.bytes["all_gather"] += out.numel() * out.element_size()
-        self.dist.all_gather_into_tensor(out, inp.clone() if _overlaps(out, inp) else inp, group=self.group)
+        self.dist.all_gather_into_tensor(out, inp, group=self.group)
 
     def all_reduce(self, t: Tensor, op: str = "sum") -> None:
         """In-place sum or max of ``t`` over ranks."""
@@ -65,25 +74,106 @@ class Collectives:
         self.dist.all_reduce(t, op=ops.MAX if op == "max" else ops.SUM, group=self.group)
 
 
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    # gloo rejects an input that aliases the output; NCCL would accept it, a clone is cheap enough
-    # (one shard) and keeps one code path.
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+class ShardLayout:
+    """Where rank ``rank`` of ``world`` finds its shard in a group's flat buffer of ``n`` elements."""
+
+    def __init__(self, n: int, world: int, rank: int, bucket_numel: int | None = None):
+        self.n, self.world, self.rank = n, world, rank
+        self.buckets = max(1, -(-n // bucket_numel)) if bucket_numel else 1
+        self.chunk = max(1, -(-n // (self.buckets * world)))
+        self.padded = self.buckets * world * self.chunk
+        self.shard_numel = self.buckets * self.chunk
+
+    def bucket(self, b: int) -> slice:
+        """Elements of bucket ``b`` in the (padded) group buffer."""
+        span = self.world * self.chunk
+        return slice(b * span, (b + 1) * span)
+
+    def shard_chunk(self, b: int) -> slice:
+        """Elements of bucket ``b``'s chunk in this rank's shard."""
+        return slice(b * self.chunk, (b + 1) * self.chunk)
+
+    def shard_view(self, full: Tensor) -> Tensor:
+        """This rank's chunks of the padded group buffer ``full``, as a (buckets, chunk) view."""
+        return full[:self.padded].view(self.buckets, self.world, self.chunk)[:, self.rank]
+
+    def shard_of(self, full: Tensor) -> Tensor:
+        """This rank's shard (a contiguous copy) of a group buffer, unpadded or padded."""
+        flat = full.reshape(-1)
+        return self.shard_view(torch.nn.functional.pad(flat, (0, self.padded - flat.numel()))).reshape(-1)
+
+    def gather_full(self, comm: Collectives, shard: Tensor, device: torch.device) -> Tensor:
+        """The group's whole (unpadded, CPU) buffer assembled from every rank's ``shard``."""
+        every = torch.empty(self.world * self.shard_numel, dtype=shard.dtype, device=device)
+        comm.all_gather(every, shard.to(device))
+        full = every.view(self.world, self.buckets, self.chunk).transpose(0, 1).reshape(-1)
+        return full[:self.n].cpu()
 
 
-def padded(n: int, world: int) -> int:
-    """``n`` rounded up to a multiple of ``world``."""
-    return -(-n // world) * world
+class GradReducer:
+    """Reduce-scatters the active group's gradients bucket by bucket; in backward when armed (stage 2)."""
 
+    def __init__(self, comm: Collectives, groups: list[list[torch.nn.Parameter]], layouts: list[ShardLayout],
+                 grad_buf: Tensor, grad_shard: Tensor):
+        self.comm, self.layouts, self.grad_buf, self.grad_shard = comm, layouts, grad_buf, grad_shard
+        self.buckets_of: list[dict[int, list[int]]] = []  # per group: id(param) -> buckets it overlaps
+        self.members: list[list[int]] = []  # per group: parameters overlapping each bucket
+        for params, lay in zip(groups, layouts):
+            of, members, off = {}, [0] * lay.buckets, 0
+            span = lay.world * lay.chunk
+            for p in params:
+                of[id(p)] = list(range(off // span, (off + p.numel() - 1) // span + 1)) if p.numel() else []
+                for b in of[id(p)]:
+                    members[b] += 1
+                off += p.numel()
+            self.buckets_of.append(of)
+            self.members.append(members)
+        self.group: int | None = None  # armed: reducing this group's buckets as backward fills them
+        self.handles: list = []
+        self.remaining: list[int] = []
+        self.launched: list[bool] = []
+        self.launched_in_backward = 0  # buckets started before the optimizer step (overlap evidence)
 
-def shard_slice(n: int, world: int, rank: int) -> slice:
-    """This rank's slice of a group buffer of ``n`` elements (padded to a multiple of ``world``)."""
-    s = padded(n, world) // world
-    return slice(rank * s, (rank + 1) * s)
+    @property
+    def armed(self) -> bool:
+        """Whether the current backward's gradients are being reduced as they are produced."""
+        return self.group is not None
 
+    def arm(self, g: int) -> None:
+        """Reduce group ``g``'s buckets as the coming backward completes them."""
+        self.wait()
+        self.group = g
+        self.remaining = list(self.members[g])
+        self.launched = [False] * len(self.members[g])
 
-def gather_full(comm: Collectives, shard: Tensor, n: int, device: torch.device) -> Tensor:
-    """A group's full (unpadded, CPU) buffer assembled from every rank's ``shard``."""
-    full = torch.empty(shard.numel() * comm.world, dtype=shard.dtype, device=device)
-    comm.all_gather(full, shard.to(device))
-    return full[:n].cpu()
+    def on_grad(self, p: torch.nn.Parameter) -> None:
+        """``p``'s gradient is final for this backward: start every bucket it was the last one of."""
+        for b in self.buckets_of[self.group].get(id(p), ()):
+            self.remaining[b] -= 1
+            if self.remaining[b] == 0 and not self.launched[b]:
+                self._launch(b)
+                self.launched_in_backward += 1
+
+    def _launch(self, b: int) -> None:
+        lay = self.layouts[self.group]
+        out, inp = self.grad_shard[lay.shard_chunk(b)], self.grad_buf[lay.bucket(b)]
+        self.handles.append(self.comm.reduce_scatter(out, inp, async_op=True))
+        self.launched[b] = True
+
+    def finish(self, g: int) -> Tensor:
+        """Reduce what backward did not (all of it when not armed), wait; this rank's summed shard."""
+        if self.group != g:
+            self.arm(g)
+        for b, done in enumerate(self.launched):
+            if not done:
+                self._launch(b)
+        self.wait()
+        self.group = None
+        return self.grad_shard[:self.layouts[g].shard_numel]
+
+    def wait(self) -> None:
+        """Block until every started reduction is complete."""
+        for h in self.handles:
+            if h is not None:
+                h.wait()
+        self.handles.clear()

@@ -18,28 +18,33 @@ OPTS = {"adamw": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
         "sgd": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}
 
 
-def engine_for(stage: int, opt: str, world: int):
+def engine_for(stage: int, opt: str, world: int, gas: int = 1):
     model = tiny_llama()
-    cfg = {"train_micro_batch_size_per_gpu": 8 // world, "optimizer": OPTS[opt], "gradient_clipping": 1.0,
-           "zero_optimization": {"stage": stage}, "hift": {"strategy": "random", "seed": 1}}
+    # Small stage-2 buckets so a group is reduced in several pieces during backward.
+    zero = {"stage": stage, "reduce_bucket_size": 3000} if stage == 2 else {"stage": stage}
+    cfg = {"train_micro_batch_size_per_gpu": 8 // world // gas, "gradient_accumulation_steps": gas,
+           "optimizer": OPTS[opt], "gradient_clipping": 1.0, "zero_optimization": zero,
+           "hift": {"strategy": "random", "seed": 1}}
     engine, optimizer, _, _ = hift_ds.initialize(model=model, config=cfg)
     return model, engine, optimizer
 
 
 def run(engine, rank: int, world: int, start: int, stop: int) -> None:
+    gas, per_rank = engine.gradient_accumulation_steps(), 8 // world
     for s in range(start, stop):
-        x = batch(s, size=8)[rank * (8 // world):(rank + 1) * (8 // world)]
-        engine.backward(engine(input_ids=x, labels=x).loss)
-        engine.step()
+        x = batch(s, size=8)[rank * per_rank:(rank + 1) * per_rank]
+        for micro in x.chunk(gas):
+            engine.backward(engine(input_ids=micro, labels=micro).loss)
+            engine.step()
 
 
 def main(out: str, ckpt: str, phase: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     results = {}
     if phase == "train":
-        for opt in OPTS:
-            for stage in (0, 1, 2):
-                model, engine, optimizer = engine_for(stage, opt, world)
+        for opt, gas in [*((o, 1) for o in OPTS), ("adamw", 2)]:
+            for stage in (0, 1, 2) if gas == 1 else (0, 2):
+                model, engine, optimizer = engine_for(stage, opt, world, gas)
                 steps = 2 * optimizer.num_groups
                 before = dict(optimizer._comm.bytes) if optimizer._comm else {}
                 run(engine, rank, world, 0, 1)
@@ -49,11 +54,14 @@ def main(out: str, ckpt: str, phase: str) -> None:
                 gathered = [None] * world
                 params = [p.detach().clone() for p in model.parameters()]
                 torch.distributed.all_gather_object(gathered, params)
-                results[(opt, stage)] = {"params": params, "ranks_equal": all(
+                results[(opt, stage) if gas == 1 else (opt, stage, f"gas{gas}")] = {
+                    "params": params, "ranks_equal": all(
                     all(torch.equal(a, b) for a, b in zip(params, other)) for other in gathered),
                     "memory": optimizer.memory_report(), "bytes_first_step": one_step, "first_group": first_group,
                     "group_numels": [sum(p.numel() for p in ps) for ps in optimizer._params],
-                    "order": [optimizer.schedule.order(c) for c in range(2)]}
+                    "order": [optimizer.schedule.order(c) for c in range(2)],
+                    "buckets_in_backward": optimizer._reducer.launched_in_backward if optimizer._reducer else 0,
+                    "buckets": [lay.buckets for lay in optimizer._layouts]}
         # Save mid-cycle at world N for the resume test.
         model, engine, optimizer = engine_for(1, "adamw", world)
         run(engine, rank, world, 0, optimizer.num_groups + 2)

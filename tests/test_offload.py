@@ -202,3 +202,22 @@ def test_flat_path_survives_grads_set_to_none():
             o.zero_grad()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_stage2_reduction_in_backward_on_one_rank_matches_unsharded():
+    """Stage 2's bucketed in-backward path (one rank): micro-batches, dropped .grad views, several buckets."""
+    a, b = tiny_llama(), tiny_llama()
+    opt_a = HiFTOptimizer(a, "adamw", lr=1e-2, zero_stage=2, reduce_bucket_size=500)
+    opt_b = HiFTOptimizer(b, "adamw", lr=1e-2)
+    assert opt_a.reduces_in_backward
+    for s in range(2 * opt_a.num_groups):
+        a.zero_grad(set_to_none=True)  # autograd makes fresh tensors; the hook must adopt them
+        for i, x in enumerate(batch(s).chunk(2)):
+            opt_a.backward(a(input_ids=x, labels=x).loss / 2, last_micro_batch=i == 1)
+            (b(input_ids=x, labels=x).loss / 2).backward()
+        opt_a.step()
+        opt_b.step()
+        opt_b.zero_grad()
+    assert opt_a._reducer.launched_in_backward > 2 * opt_a.num_groups  # several buckets per group
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
