@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -109,19 +108,11 @@ def _lm_loss(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _fpft(args: argparse.Namespace, device: torch.device) -> Run:
+    from hift_ds.presets import full_finetune
+
     model = _model(args, torch.float32, device)
-    amp = DTYPES[args.dtype]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY,
-                            fused=True if device.type == "cuda" else None)
-
-    def forward(ids: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            return model(input_ids=ids, labels=ids).loss
-
-    def step() -> None:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    note = f"fp32 weights + autocast({args.dtype}), fp32 AdamW state" if amp != torch.float32 else "fp32"
+    forward, step, _ = full_finetune(model, args.lr, DTYPES[args.dtype], WEIGHT_DECAY)
+    note = f"fp32 weights + autocast({args.dtype}), fp32 AdamW state" if args.dtype != "fp32" else "fp32"
     return Run(model, forward, Tensor.backward, step, notes=[note])
 
 
@@ -142,16 +133,6 @@ def _hift(offload: str, prefetch: bool, kernel: str) -> Callable[[argparse.Names
     return factory
 
 
-def _single_rank_env() -> None:
-    # Without the launcher DeepSpeed needs all of these, or it tries MPI discovery.
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
 def _pinned(objs: Sequence) -> int:
     """Bytes of the pinned host tensors found in nested lists/dicts ``objs``."""
     total, stack = 0, list(objs)
@@ -170,7 +151,9 @@ def _ds_zero2(offload: bool) -> Callable[[argparse.Namespace, torch.device], Run
     def factory(args: argparse.Namespace, device: torch.device) -> Run:
         import deepspeed
 
-        _single_rank_env()
+        from hift_ds.engine import single_process_env
+
+        single_process_env()
         model = _model(args, DTYPES[args.dtype], device)
         adamw = {"lr": args.lr, "weight_decay": WEIGHT_DECAY}
         zero = {"stage": 2}

@@ -105,7 +105,7 @@ def bench_case(case: str, n: int, device: torch.device, blocks: list[int | None]
 
         rows.append(row(f"triton(block={block or 'default'})", timer(triton_step, warmup, iters)))
         os.environ.pop("HIFT_TRITON_BLOCK", None)
-    del flat, state
+    flat = state = None  # free the buffers before the torch runs
 
     for impl in impls:
         p = param.detach().clone().requires_grad_()
@@ -125,7 +125,7 @@ def bench_case(case: str, n: int, device: torch.device, blocks: list[int | None]
         finally:
             p.grad = None
             opt = model = None
-            del p
+            p = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     # Baseline: torch's fused kernel, or foreach where torch has no fused one on this device.

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,12 +68,11 @@ def _grad_bytes(model: nn.Module, device: torch.device) -> int:
 
 
 def _fpft(model: nn.Module, spec: dict, device: torch.device) -> Run:
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], fused=device.type == "cuda" or None)
+    from hift_ds.presets import full_finetune
 
-    def step() -> None:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return Run(lambda ids: model(input_ids=ids, labels=ids).loss, Tensor.backward, step,
+    # The model was built in fp32 for this mode (see run_mode); compute runs in --dtype.
+    forward, step, opt = full_finetune(model, spec["lr"], DTYPES[spec["dtype"]])
+    return Run(forward, Tensor.backward, step,
                lambda: _grad_bytes(model, device), lambda: tensor_bytes(opt.state, device), opt)
 
 
@@ -95,13 +93,9 @@ def _hift(model: nn.Module, spec: dict, device: torch.device, offload: str) -> R
 def _zero2_offload(model: nn.Module, spec: dict, device: torch.device) -> Run:
     import deepspeed
 
-    # Single process without the launcher: DeepSpeed needs these or it tries MPI discovery.
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    from hift_ds.engine import single_process_env
+
+    single_process_env()
     config = {"train_micro_batch_size_per_gpu": spec["batch_size"], "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": spec["lr"]}},
               "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
@@ -173,8 +167,9 @@ def run_mode(spec: dict) -> dict:
     from hift_ds.profile import MemoryProfiler
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(spec["model"], DTYPES[spec["dtype"]], device, spec["seed"],
-                        max_positions=max(spec["seq_len"], 2048))
+    # fpft keeps fp32 weights (mixed precision by autocast); the other modes hold --dtype weights.
+    dtype = torch.float32 if spec["mode"] == "fpft" else DTYPES[spec["dtype"]]
+    model = build_model(spec["model"], dtype, device, spec["seed"], max_positions=max(spec["seq_len"], 2048))
     model.config.use_cache = False  # no KV cache in training: it would count as activations
     model.train()
     run = build_run(spec["mode"], model, spec, device)

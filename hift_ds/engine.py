@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import os
+import socket
 from typing import Any
 
 import torch
@@ -76,6 +77,17 @@ def _scheduler_from_config(block: dict, optimizer: HiFTOptimizer):
         logger.info("HiFT: LR schedule %s advances once per cycle of %d steps; step counts converted to cycles: %s",
                     kind, optimizer.num_groups, changed)
     return cls(optimizer, **converted)
+
+
+def single_process_env() -> None:
+    """Give a launcher-less process the environment DeepSpeed expects: one rank on a free local port."""
+    # Without these DeepSpeed falls back to MPI discovery; values a launcher already set are kept.
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def _device() -> torch.device:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn

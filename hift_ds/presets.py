@@ -39,3 +39,19 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, step: int, devi
     """Token ids for ``step``, the same in every mode and process (seeded by the step)."""
     g = torch.Generator().manual_seed(10_000 + step)
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=g).to(device)
+
+
+def full_finetune(model, lr: float, amp: torch.dtype, weight_decay: float = 0.01):
+    """The full fine-tuning baseline on an fp32 model: (loss fn under autocast, step fn, torch AdamW)."""
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                            fused=True if device.type == "cuda" else None)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            return model(input_ids=ids, labels=ids).loss
+
+    def step() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return forward, step, opt

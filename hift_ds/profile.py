@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "reporting peak GPU memory split into weights / gradients / optimizer state / "
                     "activations+other, pinned host memory, RSS and step time. Writes OUT/profile.json, "
                     "OUT/profile.png (one memory timeline per mode) and OUT/<mode>.log (each worker's output).",
-        epilog="Modes: fpft = torch AdamW over all parameters (fused on CUDA, state in the model dtype); "
+        epilog="Modes: fpft = the usual mixed-precision full fine-tuning: fp32 weights, torch.autocast to "
+               "--dtype, torch AdamW over all parameters (fused on CUDA, fp32 state), as in benchmarks/; "
                "hift = HiFTOptimizer, state on the device; hift-offload = HiFTOptimizer with offload='cpu' "
                "(pinned host store); zero2-offload = DeepSpeed ZeRO-2 with offload_optimizer cpu "
                "(DeepSpeedCPUAdam; needs CUDA, skipped without it). Without a GPU the figures are host "

@@ -86,6 +86,32 @@ def store_model(out_ptr, offs, mask, x, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
+def program_chunk(tab_ptr, n, P, MULTI: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor index (multi-tensor; 0 for flat), element offsets and their mask."""
+    pid = tl.program_id(0)
+    if MULTI:
+        t = tl.load(tab_ptr + pid)
+        start = tl.load(tab_ptr + P + pid)
+        n = tl.load(tab_ptr + 2 * P + t)
+    else:
+        t = 0
+        if WIDE:  # more than 2^31 elements: offsets in int64
+            pid = pid.to(tl.int64)
+        start = pid * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    return t, offs, offs < n
+
+
+@triton.jit
+def load_grad(g_ptr, offs, mask, inv_scale, MAXIMIZE: tl.constexpr):
+    """The gradient in fp32, unscaled (1/loss scale), negated when maximizing."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
 def operand(tab_ptr, row, base, T, t, like):
     """Pointer to operand ``row`` of tensor ``t`` in a multi-tensor table, typed like ``like``."""
     return tl.load(tab_ptr + base + row * T + t).to(like.dtype)

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import block_size, check_device, flat_plans, launch_options, multi_plans, operand, store_model
+from ._common import (block_size, check_device, flat_plans, launch_options, load_grad, multi_plans, operand,
+                      program_chunk, store_model)
 
 
 @triton.jit
@@ -19,11 +20,8 @@ def _adagrad_kernel(p_ptr, g_ptr, s_ptr, out_ptr, n, tab_ptr, sc_ptr, P, T,
                     neg_clr, wd, eps, inv_scale,
                     HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, OUT_KIND: tl.constexpr, OUT_ROW: tl.constexpr,
                     MULTI: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    t, offs, mask = program_chunk(tab_ptr, n, P, MULTI, WIDE, BLOCK)
     if MULTI:
-        t = tl.load(tab_ptr + pid)
-        start = tl.load(tab_ptr + P + pid)
-        n = tl.load(tab_ptr + 2 * P + t)
         base = 2 * P + T
         p_ptr = operand(tab_ptr, 0, base, T, t, p_ptr)
         g_ptr = operand(tab_ptr, 1, base, T, t, g_ptr)
@@ -31,17 +29,9 @@ def _adagrad_kernel(p_ptr, g_ptr, s_ptr, out_ptr, n, tab_ptr, sc_ptr, P, T,
         if OUT_KIND != 0:
             out_ptr = operand(tab_ptr, OUT_ROW, base, T, t, out_ptr)
         neg_clr = tl.load(sc_ptr + t)  # the decayed learning rate follows each tensor's step count
-    else:
-        if WIDE:
-            pid = pid.to(tl.int64)
-        start = pid * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
 
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
-    if MAXIMIZE:
-        g = -g
+    g = load_grad(g_ptr, offs, mask, inv_scale, MAXIMIZE)
     if HAS_WD:
         g = g + wd * p
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)

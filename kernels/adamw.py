@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import block_size, check_device, flat_plans, launch_options, multi_plans, operand, store_model
+from ._common import (block_size, check_device, flat_plans, launch_options, load_grad, multi_plans, operand,
+                      program_chunk, store_model)
 
 
 @triton.jit
@@ -22,11 +23,8 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, n, tab_ptr, sc_p
                  DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, LERP_LOW: tl.constexpr,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, OUT_KIND: tl.constexpr, OUT_ROW: tl.constexpr,
                  MULTI: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    t, offs, mask = program_chunk(tab_ptr, n, P, MULTI, WIDE, BLOCK)
     if MULTI:
-        t = tl.load(tab_ptr + pid)
-        start = tl.load(tab_ptr + P + pid)
-        n = tl.load(tab_ptr + 2 * P + t)
         base = 2 * P + T
         p_ptr = operand(tab_ptr, 0, base, T, t, p_ptr)
         g_ptr = operand(tab_ptr, 1, base, T, t, g_ptr)
@@ -39,17 +37,9 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, n, tab_ptr, sc_p
         # Per-tensor bias corrections: each parameter keeps its own step count.
         step_size = tl.load(sc_ptr + t)
         bc2_sqrt = tl.load(sc_ptr + T + t)
-    else:
-        if WIDE:
-            pid = pid.to(tl.int64)
-        start = pid * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
 
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
-    if MAXIMIZE:
-        g = -g
+    g = load_grad(g_ptr, offs, mask, inv_scale, MAXIMIZE)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     if HAS_WD:

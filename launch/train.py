@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 
@@ -51,16 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "writes profile.json and profile.png to --output-dir")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
-
-
-def setup_single_process() -> None:
-    """Give a launcher-less run the environment DeepSpeed expects (one rank, a free port)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
@@ -178,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Train, evaluate before and after, save the final model; returns the metrics."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    setup_single_process()
+    from hift_ds.engine import single_process_env
+
+    single_process_env()
     import torch
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler

@@ -41,7 +41,7 @@ def test_every_config_runs_two_steps(path, monkeypatch):
     import hift_ds
     if json.load(open(path)).get("fp16", {}).get("enabled"):
         pytest.skip("fp16 needs a GPU: DeepSpeed cannot reduce fp16 gradients on CPU")
-    train.setup_single_process()
+    hift_ds.engine.single_process_env()
     mode = "hift" if "hift" in json.load(open(path)) else "fpft"
     cfg = train.build_config(train.parse_args(["--deepspeed", path, "--mode", mode, "--batch-size", "2"]), 8, 1)
     cfg.pop("_total_steps")
