@@ -50,7 +50,11 @@ class GroupSchedule:
         return self.order(self.cycle)[self.index]
 
     def peek(self, ahead: int = 1) -> int:
-        """Group that will be active ``ahead`` steps from now (for prefetching)."""
+        """Group that will be active after ``ahead`` more ``advance()`` calls (``peek(0)`` is ``active``)."""
+        # Counted in advances, not optimizer steps: a step skipped on fp16 overflow does not advance.
+        # Across a cycle boundary this is the next cycle's order, which depends only on (seed, cycle).
+        if ahead < 0:
+            raise ValueError(f"peek looks forward only: ahead must be >= 0, got {ahead}")
         n = self.steps_done + ahead
         return self.order(n // self.num_groups)[n % self.num_groups]
 
@@ -64,11 +68,25 @@ class GroupSchedule:
         return {"num_groups": self.num_groups, "strategy": self.strategy, "seed": self.seed,
                 "steps_done": self.steps_done}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a position saved by ``state_dict``; the grouping must match."""
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError unless ``state`` was saved by a schedule with this one's settings."""
         if state["num_groups"] != self.num_groups:
             raise ValueError(f"checkpoint has {state['num_groups']} HiFT groups but this run has "
                              f"{self.num_groups}; use the same group_size/num_groups as the saved run")
-        self.strategy = state["strategy"]
-        self.seed = state["seed"]
-        self.steps_done = state["steps_done"]
+        # The run's configuration decides the order; adopting the checkpoint's silently would train in an
+        # order the config and logs do not show, and a different order mid-cycle repeats or skips groups.
+        saved = state["strategy"]
+        if saved != self.strategy:
+            raise ValueError(f"checkpoint was trained with HiFT strategy {saved!r} but this run uses "
+                             f"{self.strategy!r}; set hift.strategy (HiFTOptimizer strategy=) to {saved!r} "
+                             "to resume")
+        # The seed only shapes the random order; other strategies resume under any seed.
+        if self.strategy == "random" and int(state["seed"]) != self.seed:
+            raise ValueError(f"checkpoint was trained with HiFT seed {state['seed']} but this run uses seed "
+                             f"{self.seed}; set hift.seed (HiFTOptimizer seed=) to {state['seed']} to resume "
+                             "the same random order")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by ``state_dict``; groups, strategy and (random) seed must match."""
+        self.check_state_dict(state)
+        self.steps_done = int(state["steps_done"])

@@ -254,18 +254,44 @@ def test_inf_or_nan_flat_detects_overflow(dtype, monkeypatch):
         g[4999] = bad  # in the last program's block
         assert kernels.has_inf_or_nan_flat(g, backend="triton") is True
         assert kernels.has_inf_or_nan_flat(g, backend="torch") is True
-    # An fp16 grad that overflowed under loss scaling: the caller checks first and skips the update.
-    g = (torch.randn(300) * 6e4).to(torch.float16)
-    g[7] = float("inf")
-    hyper = full("adamw")
-    flat = {"param": torch.randn(300), "grad": g, "exp_avg": torch.zeros(300), "exp_avg_sq": torch.zeros(300),
-            "model": torch.zeros(300, dtype=torch.float16)}
-    before = {k: v.clone() for k, v in flat.items()}
-    if not kernels.has_inf_or_nan_flat(flat["grad"], backend="triton"):
-        kernels.apply_update("adamw", hyper, [flat["param"]], [g], {k: [flat[k]] for k in ("exp_avg", "exp_avg_sq")},
-                             [1], backend="triton", flat=flat, inv_scale=1 / 65536)
-    for k, v in before.items():
-        assert torch.equal(flat[k], v)
+    # The largest finite value is not an overflow (a strict or dtype-blind bound would say it is).
+    top = grad.clone()
+    top[0], top[4999] = torch.finfo(dtype).max, -torch.finfo(dtype).max
+    assert kernels.has_inf_or_nan_flat(top, backend="triton") is False
+
+
+@needs_triton
+def test_loss_scaled_fp16_grad_matches_reference(monkeypatch):
+    """A loss-scaled fp16 grad: overflow found as the reference finds it; once finite, unscaled like the reference."""
+    monkeypatch.setenv("HIFT_TRITON_BLOCK", "256")
+    gen = torch.Generator().manual_seed(7)
+    # 1/loss scale times a clipping coefficient, as the optimizer folds both into one factor (not a power of 2).
+    inv_scale = 0.37 / 65536
+    # Grads of order 1 scaled by 2**16: the fp16 values span up to fp16's 65504 limit.
+    g = (torch.randn(1000, generator=gen) * 2e4).clamp(-65504, 65504).to(torch.float16)
+    g[:2] = torch.tensor([65504.0, -65504.0])
+    overflowed = (torch.randn(1000, generator=gen) * 6e4).to(torch.float16)  # the cast itself makes infs
+    nan_only = g.clone()
+    nan_only[-1] = float("nan")
+    for grad in (g, overflowed, nan_only, g[:3], g[-1:]):
+        assert kernels.has_inf_or_nan_flat(grad, backend="triton") is reference.has_inf_or_nan([grad])
+    assert reference.has_inf_or_nan([overflowed]) and not reference.has_inf_or_nan([g])  # both outcomes covered
+    # The finite grad: fused AdamW steps against the torch reference. The states are compared too: Adam's step is
+    # nearly scale-invariant, so a wrong unscale (never, twice, rounded to fp16) shows in the moments first.
+    hyper = full("adamw", lr=1e-2, weight_decay=0.1)
+    param = torch.randn(1000, generator=gen)
+    flat = {"param": param.clone(), "grad": g, "exp_avg": torch.zeros(1000), "exp_avg_sq": torch.zeros(1000),
+            "model": param.to(torch.float16)}
+    ref_p, ref_state = param.clone(), {"exp_avg": [torch.zeros(1000)], "exp_avg_sq": [torch.zeros(1000)]}
+    for step in (1, 2, 3):
+        kernels.apply_update("adamw", hyper, [flat["param"]], [g], {k: [flat[k]] for k in ref_state}, [step],
+                             backend="triton", flat=flat, inv_scale=inv_scale)
+        reference.update("adamw", hyper, [ref_p], [g], ref_state, [step], inv_scale=inv_scale)
+        torch.testing.assert_close(flat["param"], ref_p, rtol=1e-5, atol=1e-6)
+        for k, v in ref_state.items():
+            torch.testing.assert_close(flat[k], v[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(flat["model"], ref_p.to(torch.float16), **MODEL_TOL[torch.float16])
+    assert not torch.equal(flat["param"], param)  # the update really ran
 
 
 # ---- 3. dispatch -------------------------------------------------------------------------------

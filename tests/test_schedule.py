@@ -36,16 +36,62 @@ def test_cycle_and_advance_report_boundaries():
 def test_resume_reproduces_the_order():
     a = GroupSchedule(5, "random", seed=1)
     run(a, 7)
-    b = GroupSchedule(5, "random", seed=99)
+    b = GroupSchedule(5, "random", seed=1)
     b.load_state_dict(a.state_dict())
+    assert b.steps_done == 7
     assert run(a, 13) == run(b, 13)
 
 
-def test_peek_matches_the_future():
-    s = GroupSchedule(4, "random", seed=2)
-    peeks = [s.peek(1) for _ in range(1)]
-    run(s, 1)
-    assert peeks[0] == s.active
+def test_resume_with_other_settings_is_refused():
+    saved = GroupSchedule(5, "random", seed=1, steps_done=7).state_dict()
+    for strategy in ("bottom2up", "top2down"):
+        s = GroupSchedule(5, strategy, seed=1)
+        with pytest.raises(ValueError, match=f"checkpoint was trained with HiFT strategy 'random' but this run uses "
+                                             f"'{strategy}'; set hift.strategy .* to 'random' to resume"):
+            s.load_state_dict(saved)
+        assert (s.strategy, s.steps_done) == (strategy, 0)  # refused without switching or moving
+    s = GroupSchedule(5, "random", seed=99)
+    with pytest.raises(ValueError, match=r"trained with HiFT seed 1 but this run uses seed 99; set hift.seed .* to 1"):
+        s.load_state_dict(saved)
+    assert (s.seed, s.steps_done) == (99, 0)
+    with pytest.raises(ValueError, match="checkpoint has 5 HiFT groups but this run has 4"):
+        GroupSchedule(4, "random", seed=1).load_state_dict(saved)
+    # The seed plays no part in a fixed order: such a run resumes under any seed, keeping its own.
+    s = GroupSchedule(5, "top2down", seed=2)
+    s.load_state_dict(GroupSchedule(5, "top2down", seed=8, steps_done=3).state_dict())
+    assert (s.seed, s.steps_done, s.active) == (2, 3, 1)
+
+
+@pytest.mark.parametrize("strategy,seed", [("bottom2up", 0), ("top2down", 0), ("random", 2), ("random", 11)])
+def test_peek_matches_the_future(strategy, seed):
+    """From every position of three cycles, peek(k) is the group active after k advances, without moving."""
+    n = 4
+    for start in range(3 * n):
+        s = GroupSchedule(n, strategy, seed=seed, steps_done=start)
+        peeks = [s.peek(k) for k in range(2 * n + 1)]
+        assert s.steps_done == start and peeks[0] == s.active
+        assert peeks == run(GroupSchedule(n, strategy, seed=seed, steps_done=start), 2 * n + 1)
+    with pytest.raises(ValueError, match="ahead must be >= 0, got -1"):
+        GroupSchedule(n, strategy, seed=seed, steps_done=5).peek(-1)
+
+
+@pytest.mark.parametrize("strategy,seed", [("bottom2up", 0), ("top2down", 0), ("random", 2), ("random", 5)])
+def test_peek_across_a_cycle_boundary(strategy, seed):
+    """At a cycle's last step, peek already knows the next cycle's first group (random: its new permutation)."""
+    n = 5
+    s = GroupSchedule(n, strategy, seed=seed)
+    for cycle in range(6):
+        run(s, n - 1)  # to the last step of this cycle
+        assert s.index == n - 1
+        ahead = [s.peek(k) for k in range(1, n + 1)]  # the whole next cycle
+        first = s.peek(1)
+        assert s.advance() is True and s.cycle == cycle + 1
+        assert s.active == first == s.order(cycle + 1)[0]
+        assert [s.peek(k) for k in range(n)] == ahead == run(GroupSchedule(n, strategy, seed=seed,
+                                                                           steps_done=s.steps_done), n)
+    if strategy == "random":
+        # The boundary is a real change of permutation, so the checks above could tell the cycles apart.
+        assert len({tuple(s.order(c)) for c in range(7)}) > 1
 
 
 def test_bad_input():
