@@ -2,8 +2,8 @@
 
 Each group owns one contiguous fp32 buffer per kind ("master", "exp_avg", ...), allocated once.
 With offload the buffers live in (pinned) host memory and the active group is copied into one
-of two device slots; the next group's copy-in and the finished group's copy-out run on a side
-CUDA stream ordered by events, so they overlap forward/backward. Without CUDA the same code runs
+device slot; the finished group's copy-out and then the next group's copy-in run on a side CUDA
+stream ordered by events, so both overlap the next forward/backward. Without CUDA the same code runs
 with plain synchronous copies, which is what CPU CI exercises.
 """
 from __future__ import annotations
@@ -33,15 +33,17 @@ class GroupStore:
             if masters is not None:
                 bufs[MASTER].copy_(masters[g])
             self.home.append(bufs)
-        # Two device slots: one holds the active group, the other receives the next one while
-        # the previous occupant is written back (same copy stream, so the order is guaranteed).
-        self._slots: list[dict[str, Tensor]] = []
-        self._slot_group: list[int | None] = [None, None]
-        self._ready: list[torch.cuda.Event | None] = [None, None]
-        self._acquired: int | None = None
+        # One device slot suffices: the next group is prefetched right after the finished one's
+        # write-back is queued on the same copy stream, so the copy-in cannot overtake the
+        # copy-out, and both run during the next forward/backward. A second slot would only
+        # help if prefetch started before the active group's update, and would cost a group's
+        # worth of device memory.
+        self._slot: dict[str, Tensor] = {}
+        self._slot_group: int | None = None
+        self._ready: torch.cuda.Event | None = None
         if offload and self.kinds:
             biggest = max(self.numels)
-            self._slots = [{k: self._alloc(biggest, self.device, 0.0) for k in self.kinds} for _ in range(2)]
+            self._slot = {k: self._alloc(biggest, self.device, 0.0) for k in self.kinds}
         self._stream = torch.cuda.Stream(self.device) if offload and on_cuda else None
 
     def _alloc(self, n: int, device: torch.device, fill: float) -> Tensor:
@@ -49,58 +51,55 @@ class GroupStore:
         pin = self.pinned and device.type == "cpu"
         return torch.full((n,), fill, dtype=torch.float32, device=device, pin_memory=pin)
 
-    def _slot_of(self, g: int) -> int | None:
-        return self._slot_group.index(g) if g in self._slot_group else None
-
     def prefetch(self, g: int) -> None:
         """Start copying group ``g``'s buffers to the device (no-op when resident or not offloaded)."""
-        if not self.offload or not self.kinds or self._slot_of(g) is not None:
+        if not self.offload or not self.kinds or self._slot_group == g:
             return
-        slot = next(i for i in range(2) if self._slot_group[i] is None or self._slot_group[i] != self._acquired)
-        self._slot_group[slot] = g
+        self._slot_group = g
         n = self.numels[g]
         if self._stream is None:
-            for k, dst in self._slots[slot].items():
+            for k, dst in self._slot.items():
                 dst[:n].copy_(self.home[g][k])
             return
         with torch.cuda.stream(self._stream):
-            for k, dst in self._slots[slot].items():
+            for k, dst in self._slot.items():
                 dst[:n].copy_(self.home[g][k], non_blocking=True)
-            self._ready[slot] = torch.cuda.Event()
-            self._ready[slot].record(self._stream)
+            self._ready = torch.cuda.Event()
+            self._ready.record(self._stream)
 
     def acquire(self, g: int) -> dict[str, Tensor]:
         """Group ``g``'s flat buffers on the device, ready for the compute stream to update."""
         if not self.offload or not self.kinds:
-            self._acquired = g
             return self.home[g]
         self.prefetch(g)
-        slot = self._slot_of(g)
-        if self._ready[slot] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
-            self._ready[slot] = None
-        self._acquired = g
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
         n = self.numels[g]
-        return {k: buf[:n] for k, buf in self._slots[slot].items()}
+        return {k: buf[:n] for k, buf in self._slot.items()}
 
     def release(self, g: int) -> None:
         """Write group ``g``'s updated device buffers back home, asynchronously on CUDA."""
-        self._acquired = None
         if not self.offload or not self.kinds:
             return
-        slot, n = self._slot_of(g), self.numels[g]
+        if self._slot_group != g:
+            raise RuntimeError(f"GroupStore.release({g}) but the device slot holds group {self._slot_group}")
+        n = self.numels[g]
         if self._stream is None:
-            for k, src in self._slots[slot].items():
+            for k, src in self._slot.items():
                 self.home[g][k].copy_(src[:n])
             return
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         self._stream.wait_event(done)
         with torch.cuda.stream(self._stream):
-            for k, src in self._slots[slot].items():
+            for k, src in self._slot.items():
                 self.home[g][k].copy_(src[:n], non_blocking=True)
-                # The slot's memory is used on the copy stream now; tell the allocator.
-                src.record_stream(self._stream)
+            # If the same group is acquired again next (one group, or a random order repeating
+            # across a cycle boundary) no prefetch is queued, and its update must not overwrite
+            # the slot while this copy-out still reads it.
+            self._ready = torch.cuda.Event()
+            self._ready.record(self._stream)
 
     def synchronize(self) -> None:
         """Wait for every pending copy so the home buffers are current (before reading them)."""
@@ -110,15 +109,14 @@ class GroupStore:
     def invalidate(self) -> None:
         """Forget slot contents after the home buffers were overwritten (checkpoint load)."""
         self.synchronize()
-        self._slot_group = [None, None]
-        self._ready = [None, None]
-        self._acquired = None
+        self._slot_group = None
+        self._ready = None
 
     def bytes_by_location(self) -> dict[str, int]:
-        """Bytes of masters + state on the device (home if resident, plus slots) and on the host."""
+        """Bytes of masters + state on the device (home if resident, else the slot) and on the host."""
         def size(bufs: list[dict[str, Tensor]]) -> int:
             return sum(t.numel() * t.element_size() for b in bufs for t in b.values())
-        home, slots = size(self.home), size(self._slots)
+        home, slots = size(self.home), size([self._slot])
         if not self.offload:
             return {"device": home, "host_pinned": 0, "host_pageable": 0}
         return {"device": slots, "host_pinned": home if self.pinned else 0,
