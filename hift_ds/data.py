@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 CLASSIFICATION, INSTRUCTION = "classification", "instruction"
+log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -107,13 +109,19 @@ def encode_classification(records: list[dict], tokenizer, labels: list, max_leng
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor([index[r["label"]] for r in records]))
 
 
-def encode_instruction(records: list[dict], tokenizer, max_length: int) -> Encoded:
-    """Tokenize instruction records; prompt and padding tokens are masked out of the loss (-100)."""
+def encode_instruction(records: list[dict], tokenizer, max_length: int, path: str = "data") -> Encoded:
+    """Tokenize instruction records (dropping any whose prompt fills max_length); prompt and padding get label -100."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, masks, labels = [], [], []
+    dropped = 0
     for r in records:
         prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "") + "\n\n"
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(p) >= max_length:
+            # Truncation would leave no output token: every label -100, nothing to learn (and a
+            # batch of only such records has a NaN loss).
+            dropped += 1
+            continue
         o = tokenizer(str(r["output"]), add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             o = o + [tokenizer.eos_token_id]
@@ -123,4 +131,10 @@ def encode_instruction(records: list[dict], tokenizer, max_length: int) -> Encod
         ids.append(seq + [pad] * (max_length - n))
         masks.append([1] * n + [0] * (max_length - n))
         labels.append(lab + [-100] * (max_length - n))
+    if records and dropped == len(records):
+        raise ValueError(f"{path}: every record's prompt (instruction + input) is {max_length} tokens or longer, "
+                         f"so no output token fits; raise --max-length (now {max_length})")
+    if dropped:
+        log.warning("%s: dropped %d of %d records whose prompt is %d tokens or longer (no output token fits); "
+                    "raise --max-length to keep them", path, dropped, len(records), max_length)
     return Encoded(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))

@@ -8,6 +8,7 @@ With no --model/--data it fine-tunes the embedded default (see README).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import math
@@ -21,6 +22,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("hift_ds.train")
 
 
+def _at_least(kind: type, low: int, strict: bool = False):
+    """An argparse type: a number of ``kind`` that is >= ``low`` (> ``low`` if ``strict``)."""
+    # Without it 0 or a negative count is taken and then silently ignored or misread downstream.
+    def parse(text: str):
+        value = kind(text)
+        if not (value > low if strict else value >= low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'" for a non-number
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -32,17 +45,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
     p.add_argument("--mode", choices=["hift", "fpft"], default="hift", help="HiFT, or plain DeepSpeed full fine-tuning")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (truncate/pad)")
-    p.add_argument("--batch-size", type=int, default=None, help="micro-batch per rank (overrides the config)")
+    p.add_argument("--epochs", type=_at_least(float, 0, strict=True), default=1.0, help="passes over the training data")
+    p.add_argument("--max-steps", type=_at_least(int, 0), default=0,
+                   help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--max-length", type=_at_least(int, 1), default=128, help="tokens per example (truncate/pad)")
+    p.add_argument("--batch-size", type=_at_least(int, 1), default=None,
+                   help="micro-batch per rank (overrides the config)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the config)")
-    p.add_argument("--group-size", type=int, default=None, help="units per HiFT group (overrides the config)")
+    p.add_argument("--group-size", type=_at_least(int, 1), default=None,
+                   help="units per HiFT group (overrides the config)")
     p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default=None,
                    help="HiFT group order (overrides the config)")
     p.add_argument("--output-dir", default="runs/hift", help="checkpoints, logs and the final model go here")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    p.add_argument("--save-every", type=_at_least(int, 0), default=0,
+                   help="checkpoint every N optimizer steps (0: only at the end)")
+    p.add_argument("--log-every", type=_at_least(int, 0), default=10, help="log every N optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -57,11 +74,22 @@ def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
     from hift_ds.config import load_ds_config
 
     cfg = load_ds_config(args.deepspeed)
-    if args.batch_size:
+    # Wrong JSON types would surface below as TypeErrors that look like bugs; name the key instead.
+    if not isinstance(cfg, dict):
+        raise ValueError(f"DeepSpeed config {args.deepspeed!r} must be a JSON object, got {type(cfg).__name__}")
+    for where in ("optimizer", "optimizer.params", "scheduler", "scheduler.params", "hift"):
+        outer, _, inner = where.partition(".")
+        block = cfg.get(outer, {}).get(inner, {}) if inner else cfg.get(outer, {})  # outer was checked just before
+        if not isinstance(block, dict):
+            raise ValueError(f"{args.deepspeed}: \"{where}\" must be a JSON object, got {type(block).__name__}")
+    if args.batch_size is not None:
         cfg["train_micro_batch_size_per_gpu"] = args.batch_size
     cfg.pop("train_batch_size", None)
     micro = cfg.setdefault("train_micro_batch_size_per_gpu", 8)
     gas = cfg.setdefault("gradient_accumulation_steps", 1)
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{args.deepspeed}: {key} must be an integer >= 1, got {value!r}")
     steps_per_epoch = max(1, math.ceil(train_size / (micro * world)) // gas)
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     if args.lr is not None:
@@ -76,9 +104,9 @@ def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
     if args.mode == "hift":
         if "hift" not in cfg:
             raise ValueError(f"{args.deepspeed} has no \"hift\" block; use ds_configs/hift.json or --mode fpft")
-        if args.group_size:
+        if args.group_size is not None:
             cfg["hift"]["group_size"] = args.group_size
-        if args.strategy:
+        if args.strategy is not None:
             cfg["hift"]["strategy"] = args.strategy
     else:
         cfg.pop("hift", None)
@@ -133,6 +161,46 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict) -> Non
         dist.barrier()
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+
+
+def latest_tag(ckpt_dir: str) -> str | None:
+    """The checkpoint tag ``latest`` in ``ckpt_dir`` points to (None: no checkpoint yet), checked to exist."""
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    # DeepSpeed would fail on a missing or emptied tag directory with a bare AssertionError.
+    path = os.path.join(ckpt_dir, tag)
+    if not tag or not glob.glob(os.path.join(glob.escape(path), "*model_states.pt")):
+        found = sorted(d for d in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, d)))
+        raise ValueError(f"--resume: {latest} points to checkpoint {tag!r}, but {path} "
+                         f"{'holds no model states' if os.path.isdir(path) else 'does not exist'}; checkpoints in "
+                         f"{ckpt_dir}: {found or 'none'}; write an existing tag into {latest}, or delete it to "
+                         "start fresh")
+    return tag
+
+
+def rng_state() -> dict:
+    """The RNG states a resumed run restores: torch's CPU generator and, with CUDA, every GPU's."""
+    import torch
+
+    state = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # GPU dropout draws from the CUDA generators, not the CPU one
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what ``rng_state()`` saved; the CUDA part only where both runs have CUDA."""
+    import torch
+
+    torch.set_rng_state(state["rng"])
+    if torch.cuda.is_available() and "cuda_rng" in state:
+        # Only the devices both runs have; a resume on another GPU count is not bit-exact anyway.
+        torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
+    elif torch.cuda.is_available():
+        log.warning("checkpoint has no CUDA RNG state (saved without CUDA): GPU random streams start fresh")
 
 
 def evaluate(engine, loader, task: str) -> dict:
@@ -197,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_ds = D.encode_classification(train_recs, tok, labels, args.max_length, data_path)
         eval_ds = D.encode_classification(eval_recs, tok, labels, args.max_length, args.eval_data or data_path)
     else:
-        train_ds, eval_ds = (D.encode_instruction(r, tok, args.max_length) for r in (train_recs, eval_recs))
+        train_ds = D.encode_instruction(train_recs, tok, args.max_length, data_path)
+        eval_ds = D.encode_instruction(eval_recs, tok, args.max_length, args.eval_data or data_path)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = build_config(args, len(train_ds), world)
@@ -218,13 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     step, before = 0, None
-    if args.resume and os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        _, client = engine.load_checkpoint(ckpt_dir)
+    tag = latest_tag(ckpt_dir) if args.resume else None
+    if tag is not None:
+        load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        if load_path is None:  # DeepSpeed returns (None, None) instead of raising
+            raise ValueError(f"--resume: DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
         step, before = client["step"], client["before"]
-        torch.set_rng_state(client["rng"])
-        log.info("resumed from %s at optimizer step %d", ckpt_dir, step)
+        restore_rng_state(client)
+        log.info("resumed from %s at optimizer step %d", os.path.join(ckpt_dir, tag), step)
     elif args.resume:
-        log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
+        log.warning("--resume: no checkpoint in %s (no 'latest' file), starting fresh", ckpt_dir)
     if before is None:
         before = evaluate(engine, eval_loader, task)
     if rank == 0 and step == 0 and os.path.exists(log_path):
@@ -258,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
             _mark(prof, "backward")
             engine.backward(loss)
             _mark(prof, "step")
+            if (micro_done + 1) % gas == 0:  # this engine.step() updates: it then moves the group and LR on
+                lr, group = optimizer.param_groups[0]["lr"], getattr(optimizer, "active_group", None)
             engine.step()
             _mark(prof, None)
             micro_done += 1
@@ -266,8 +340,6 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             step += 1
             loss_val = float(loss.detach())
-            lr = optimizer.param_groups[0]["lr"]
-            group = getattr(optimizer, "active_group", None)
             entry = {"step": step, "loss": loss_val, "lr": lr, "group": group}
             if rank == 0:
                 with open(log_path, "a") as f:
@@ -278,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.log_every and step % args.log_every == 0 and rank == 0:
                 log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
             if (args.save_every and step % args.save_every == 0) or step == total_steps:
-                save_checkpoint(engine, ckpt_dir, step, {"step": step, "before": before, "rng": torch.get_rng_state()})
+                save_checkpoint(engine, ckpt_dir, step, {"step": step, "before": before, **rng_state()})
             if step >= total_steps:
                 break
     bar.close()
@@ -308,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # Bad input is raised as ValueError where it is detected (wrong config types included); any
+    # other exception, a TypeError too, is a bug and keeps its traceback.
     try:
         main()
     except ValueError as e:  # bad input: a clear message, no traceback

