@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hift_ds import kernels
 from hift_ds.config import load_ds_config, parse_hift_config
 from hift_ds.optimizer import CycleLRScheduler, HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler
@@ -41,12 +43,22 @@ def _optimizer_from_config(block: dict | None) -> tuple[str, dict]:
     if kind not in _DS_OPTIMIZERS:
         raise ValueError(f"optimizer type {block.get('type')!r} is not supported with HiFT; use one of "
                          "Adam, AdamW, SGD, Adagrad")
-    params = dict(block.get("params", {}))
+    params = dict(block.get("params") or {})
     name = _DS_OPTIMIZERS[kind]
     if kind == "adam" and params.get("adam_w_mode", True) is False:
         name = "adam"
     for key in _DS_ONLY_PARAMS:
         params.pop(key, None)
+    if name in ("adam", "adamw"):
+        if params.pop("bias_correction", True) is not True:
+            raise ValueError("optimizer.params.bias_correction=false is not supported with HiFT; remove it")
+        # DeepSpeed's Adam/AdamW default to no weight decay (torch's AdamW to 0.01): a config
+        # that works with plain DeepSpeed must train the same way here.
+        params.setdefault("weight_decay", 0.0)
+    unknown = sorted(set(params) - set(kernels.DEFAULTS[name]))
+    if unknown:
+        raise ValueError(f"optimizer.params {unknown} are not options of {block.get('type')} with HiFT; valid: "
+                         f"{sorted(kernels.DEFAULTS[name])}")
     return name, params
 
 
@@ -70,7 +82,14 @@ def _scheduler_from_config(block: dict, optimizer: HiFTOptimizer):
     cls = getattr(lr_schedules, str(kind), None)
     if cls is None or kind not in lr_schedules.VALID_LR_SCHEDULES:
         raise ValueError(f"scheduler type {kind!r} is not one of DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES}")
-    params = block.get("params", {})
+    params = block.get("params") or {}
+    for key in _STEP_PARAMS:
+        value = params.get(key)
+        if value == "auto":
+            raise ValueError(f"scheduler.params.{key} is \"auto\", which only launch/train.py fills in (from the "
+                             "data size and epochs); set it to a number of optimizer steps")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"scheduler.params.{key} must be an integer number of optimizer steps, got {value!r}")
     converted = cycles_for_steps(params, optimizer.num_groups)
     changed = {k: f"{params[k]} -> {converted[k]}" for k in _STEP_PARAMS if k in params and params[k] != converted[k]}
     if changed and int(os.environ.get("RANK", "0")) == 0:
@@ -106,6 +125,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
 
     if model is None:
         raise ValueError("hift_ds.initialize needs model=<your nn.Module>")
+    if config is None:  # DeepSpeed's deprecated name for config, then --deepspeed_config
+        config = kwargs.pop("config_params", None)
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)
     if config is None:
@@ -123,7 +144,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     if stage not in (0, 1, 2):
         raise ValueError(f"zero_optimization.stage={stage} is not supported with the hift block; use 0, 1 or 2 "
                          "(HiFT shards the active group's masters and state itself at stages 1/2)")
-    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+    if kwargs.get("mpu") is not None and stage:
+        raise ValueError(f"model parallelism (mpu=) is not supported with zero_optimization.stage={stage} under "
+                         "HiFT, which shards over the whole world; use stage 0")
+    if ((zero.get("offload_optimizer") or {}).get("device") or "none") != "none":
         raise ValueError('zero_optimization.offload_optimizer does not apply to HiFT; use "hift": {"offload": '
                          '{"device": "cpu"}} to keep inactive groups\' state in host memory')
     # DeepSpeed's own ZeRO-1/2 cannot wrap a rotating trainable set (docs/architecture.md): it runs
@@ -131,11 +155,19 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     zero["stage"] = 0
 
     # Mixed precision is HiFT's: DeepSpeed's BF16/FP16 wrappers would keep fp32 copies of all weights.
+    for key in ("amp", "torch_autocast"):
+        if (ds_config.get(key) or {}).get("enabled"):
+            raise ValueError(f'"{key}" is not supported with the hift block; use "bf16": {{"enabled": true}} (bf16 '
+                             'weights, fp32 masters kept by HiFT) or "fp16"')
+    if "bfloat16" in ds_config:  # DeepSpeed's old name for the bf16 block
+        if "bf16" in ds_config:
+            raise ValueError('the config has both "bf16" and its old name "bfloat16"; keep "bf16"')
+        ds_config["bf16"] = ds_config.pop("bfloat16")
     scaler = None
     dtype = torch.float32
-    if ds_config.get("bf16", {}).get("enabled"):
+    if (ds_config.get("bf16") or {}).get("enabled"):
         dtype = torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
+    if (ds_config.get("fp16") or {}).get("enabled"):
         if dtype == torch.bfloat16:
             raise ValueError("both bf16 and fp16 are enabled in the config; enable one")
         dtype, scaler = torch.float16, DynamicLossScaler.from_ds_fp16(ds_config["fp16"])
@@ -156,6 +188,13 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
                               **buckets, **hift.optimizer_kwargs(), **opt_params)
 
+    if model_parameters is not None:  # habitually passed as model.parameters(); a subset cannot be honoured
+        given = {id(p) for item in model_parameters
+                 for p in (item["params"] if isinstance(item, dict) else [item])}
+        if given != {id(p) for p in model.parameters()}:
+            raise ValueError("model_parameters= selects a subset of the model's parameters, but HiFT trains every "
+                             "parameter group by group; drop model_parameters=")
+
     sched_block = ds_config.pop("scheduler", None)
     if sched_block is not None and lr_scheduler is not None:
         raise ValueError("an LR scheduler is both in the config and passed as lr_scheduler=; keep one")
@@ -171,6 +210,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     engine, ds_opt, loader, sched = deepspeed.initialize(
         args=args, model=model, model_parameters=None, training_data=training_data, lr_scheduler=lr_scheduler,
         optimizer=optimizer, config=ds_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
+    # DeepSpeed has just broadcast rank 0's weights into the model; the masters must follow.
+    optimizer.sync_masters_from_model()
+    _sync_masters_after_module_loads(engine, optimizer)
     if stage:
         engine.enable_backward_allreduce = False  # the optimizer reduce-scatters the active group
     if optimizer.reduces_in_backward:
@@ -181,6 +223,22 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     if scaler is not None:
         _scale_engine_backward(engine, optimizer)
     return engine, ds_opt, loader, sched
+
+
+def _sync_masters_after_module_loads(engine, optimizer: HiFTOptimizer) -> None:
+    # A load without optimizer states replaces the weights but not the masters the next update reads.
+    load = engine.load_checkpoint
+    signature = inspect.signature(load)
+
+    def load_checkpoint(*args, **kwargs):
+        out = load(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["load_module_only"] or not bound.arguments["load_optimizer_states"]:
+            optimizer.sync_masters_from_model()
+        return out
+
+    engine.load_checkpoint = load_checkpoint
 
 
 def _arm_reduction_in_backward(engine, optimizer: HiFTOptimizer) -> None:

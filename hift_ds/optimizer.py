@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -40,14 +41,27 @@ def _resolve_optimizer(optimizer: str | type) -> tuple[str | None, type | None]:
     raise TypeError(f"optimizer must be a name or a torch.optim.Optimizer subclass, got {optimizer!r}")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _builtin_hyper(name: str, kwargs: dict) -> dict:
     defaults = kernels.DEFAULTS[name]
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise TypeError(f"unknown {name} option(s) {unknown}; valid options: {sorted(defaults)}")
     hyper = {**defaults, **kwargs}
-    if "betas" in hyper:
-        hyper["betas"] = tuple(float(b) for b in hyper["betas"])
+    for key, value in hyper.items():
+        if key == "betas":
+            if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(b) and 0 <= b < 1
+                                                                                   for b in value)):
+                raise ValueError(f"{name} betas must be two numbers in [0, 1), got {value!r}")
+            hyper["betas"] = tuple(float(b) for b in value)
+        elif isinstance(defaults[key], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} {key} must be true or false, got {value!r}")
+        elif not _is_number(value) or value < 0:
+            raise ValueError(f"{name} {key} must be a finite number >= 0, got {value!r}")
     if name == "sgd" and hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
         raise ValueError("sgd nesterov=True needs momentum > 0 and dampening == 0")
     return hyper
@@ -114,10 +128,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._layouts = [ShardLayout(n, world, self._comm.rank, buckets) for n in numels] if self._comm else []
             sizes = [lay.padded for lay in self._layouts] or numels
             self._weights = [self._flatten_weights(ps, n) for ps, n in zip(self._params, sizes)] if self._flat else []
-            masters = None
-            if self.masters:
-                masters = (_Lazy(lambda g: self._layouts[g].shard_of(self._weights[g])) if self._comm else
-                           _Lazy(lambda g: torch.cat([p.detach().reshape(-1).float() for p in self._params[g]])))
+            masters = _Lazy(self._masters_from_model) if self.masters else None
             self.store = GroupStore([lay.shard_numel for lay in self._layouts] or numels,
                                     kernels.state_kinds(self.name, hyper),
                                     masters=masters, offload=offload == "cpu", device=self.device,
@@ -138,7 +149,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._steps = [[0] * len(ps) for ps in self._params]
         # Fused path: each group's weights in one buffer and the active group's grads as views
         # into one flat gradient buffer, so a single kernel launch updates the whole group.
-        self._touched: set[int] = set()
         self._reducer: GradReducer | None = None
         self._offset = {id(p): off for ps in self._params
                         for p, off in zip(ps, itertools.accumulate([0] + [q.numel() for q in ps]))}
@@ -190,6 +200,24 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Whether ZeRO-2 reduces gradients during backward (armed by ``backward()`` each time)."""
         return self._overlap
 
+    def _masters_from_model(self, g: int) -> Tensor:
+        # This rank's shard under ZeRO-1/2, else the whole group, as fp32 values of the weights.
+        if self._comm is not None:
+            return self._layouts[g].shard_of(self._weights[g]).float()
+        return torch.cat([p.detach().reshape(-1).float() for p in self._params[g]])
+
+    def sync_masters_from_model(self) -> None:
+        """Re-read the fp32 masters from the model's bf16/fp16 weights after these changed outside the optimizer."""
+        # DeepSpeed broadcasts rank 0's weights after the optimizer exists, and a module-only
+        # checkpoint load overwrites the weights: stale masters would undo either at the next step.
+        if self.store is None or not self.masters:
+            return
+        self.store.invalidate()
+        for g, bufs in enumerate(self.store.home):
+            bufs[MASTER].copy_(self._masters_from_model(g))
+        if self.prefetch:
+            self.store.prefetch(self.active_group)
+
     def group_param_names(self, i: int) -> list[str]:
         """Names of the parameters in group ``i``."""
         return list(self._names[i])
@@ -215,7 +243,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
             p.requires_grad_(True)
         if self._flat:
             self._grad_buf.zero_()
-            self._touched.clear()
             for p, view in zip(self._params[g], self._split(g, self._grad_buf)):
                 p.grad = view
         if self.store is not None and self.prefetch:
@@ -236,7 +263,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def _on_grad(self, p: nn.Parameter) -> None:
         # Post-accumulate hook: the parameter's gradient for this backward is complete.
-        self._touched.add(id(p))
         if self._reducer is not None and self._reducer.armed:
             off = self._offset[id(p)]
             view = self._grad_buf[off:off + p.numel()].view_as(p)
@@ -256,7 +282,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._reducer.wait()  # no reduction may still be reading the buffer
         if self._flat:  # keep the views into the flat buffer; zero it instead
             self._grad_buf.zero_()
-            self._touched.clear()
             return
         for p in self._params[self.active_group]:
             if set_to_none or p.grad is None:
@@ -288,13 +313,19 @@ class HiFTOptimizer(torch.optim.Optimizer):
             flat_grad = self._reducer.finish(g)
             inv_scale /= self._comm.world
             idx, grads = list(range(len(params))), [flat_grad]
-        elif self._flat:
-            idx = [i for i, p in enumerate(params) if id(p) in self._touched]
-            flat_grad = self._grad_buf[:self._weights[g].numel()]
-            grads = [params[i].grad for i in idx]
         else:
-            idx = [i for i, p in enumerate(params) if p.grad is not None]
-            grads = [params[i].grad for i in idx]
+            # A parameter of the active group that got no gradient (unused in the forward) is
+            # updated with a zero one, as DeepSpeed does and as a ZeRO shard spanning parameters
+            # must: every backend then agrees, and a group's parameters share one step count.
+            idx = list(range(len(params)))
+            if self._flat:
+                flat_grad = self._grad_buf[:self._weights[g].numel()]
+                grads = self._split(g, flat_grad)
+            else:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grads = [p.grad for p in params]
         self.overflow = False
         if self.scaler is not None:
             bad = kernels.has_inf_or_nan_flat(flat_grad) if self._flat else kernels.has_inf_or_nan(grads)
@@ -421,6 +452,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if meta["optimizer"] != (self.name or self._inner_cls.__name__):
             raise ValueError(f"checkpoint was saved with optimizer {meta['optimizer']!r}, this run uses "
                              f"{self.name or self._inner_cls.__name__!r}")
+        self.schedule.check_state_dict(meta["schedule"])  # before anything is changed
         self._deactivate(self.active_group)
         for pg, saved in zip(self.param_groups, state_dict["param_groups"]):
             pg.update({k: v for k, v in saved.items() if k != "params"})

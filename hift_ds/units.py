@@ -39,16 +39,29 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    best = None
+    stacks = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < 1:
             continue
         if len({type(c) for c in mod}) != 1:
             continue
         size = sum(p.numel() for p in mod.parameters())
-        if size and (best is None or size > best[0]):
-            best = (size, name, mod)
-    return None if best is None else (best[1], best[2])
+        if size:
+            stacks.append((size, name, mod))
+    if not stacks:
+        return None
+    size, name, mod = max(stacks, key=lambda t: t[0])
+    # A second stack of comparable size (an encoder-decoder's encoder, a vision tower) would
+    # otherwise land whole in the head unit: the split would be silently lopsided.
+    rivals = [(n, m) for s, n, m in stacks if s >= size / 2 and n != name
+              and not n.startswith(name + ".") and not name.startswith(n + ".")]
+    if rivals:
+        found = ", ".join(f"{n} ({len(m)} blocks)" for n, m in [(name, mod), *rivals])
+        raise ValueError(f"{type(model).__name__} has several stacks of transformer blocks: {found} (an "
+                         "encoder-decoder?); automatic unit discovery handles one stack. Pass units=[...] (hift "
+                         "config 'units'), one module-name pattern per unit in bottom-to-top order, e.g. "
+                         "['shared|*embed*', 'encoder.block.0', ..., 'decoder.block.0', ..., '*final_layer_norm|lm_head']")
+    return name, mod
 
 
 def _is_embedding(module_name: str, module: nn.Module) -> bool:

@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 from typing import Sequence
 
 import torch
@@ -25,8 +28,13 @@ def resolve_backend(kernel: str, device: torch.device | str) -> str:
         return "torch"
     on_cuda = torch.device(device).type == "cuda"
     if kernel == "auto":
+        if on_cuda and importlib.util.find_spec("triton") is None:
+            logging.getLogger(__name__).warning("kernel='auto': triton is not installed, using the torch "
+                                                "optimizer path (pip install triton for the fused kernels)")
+            return "torch"
         return "triton" if on_cuda else "torch"
-    import os
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("kernel='triton' needs the triton package: pip install triton (or use kernel='auto')")
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("kernel='triton' needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU); "
                          "use kernel='auto' or 'torch' on this machine")

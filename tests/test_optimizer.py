@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import batch, tiny_llama
 from hift_ds import HiFTOptimizer, lr_cycle_scheduler
@@ -204,3 +205,63 @@ def test_bad_input():
         HiFTOptimizer(model, "sgd", nesterov=True)
     with pytest.raises(ValueError, match="need a built-in optimizer"):
         HiFTOptimizer(model, torch.optim.RMSprop, offload="cpu")
+    for kw, match in ((dict(lr=-1e-3), r"adamw lr must be a finite number >= 0, got -0.001"),
+                      (dict(eps=float("nan")), r"adamw eps must be a finite number >= 0"),
+                      (dict(betas=(0.9, 1.0)), r"adamw betas must be two numbers in \[0, 1\)"),
+                      (dict(amsgrad="yes"), r"adamw amsgrad must be true or false, got 'yes'")):
+        with pytest.raises(ValueError, match=match):
+            HiFTOptimizer(model, "adamw", **kw)
+    with pytest.raises(ValueError, match=r"sgd momentum must be a finite number >= 0, got '0.9'"):
+        HiFTOptimizer(model, "sgd", momentum="0.9")
+
+
+def test_kernel_choice_without_triton_installed(monkeypatch, caplog):
+    """'auto' falls back to torch with a warning; an explicit 'triton' names the missing package."""
+    import importlib.util
+
+    from hift_ds import kernels
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with caplog.at_level("WARNING"):
+        assert kernels.resolve_backend("auto", "cuda") == "torch"
+    assert "triton is not installed" in caplog.text
+    with pytest.raises(ValueError, match="needs the triton package: pip install triton"):
+        kernels.resolve_backend("triton", "cpu")
+    monkeypatch.undo()
+    assert kernels.resolve_backend("auto", "cuda") == "triton"
+
+
+class _WithUnused(nn.Module):
+    """Two units; the second holds a parameter the forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+        self.spare = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).square().mean()
+
+
+@pytest.mark.parametrize("variant", ["inner", "flat", "zero1"])
+def test_unused_parameter_gets_a_zero_gradient_on_every_backend(variant):
+    """DeepSpeed's rule, on every path: weight decay and the step count still apply to it."""
+    units = ["a", "b|spare"]
+    ref_model, model = _WithUnused(), _WithUnused()
+    ref = HiFTOptimizer(ref_model, "adamw", units=units, lr=0.1, weight_decay=0.5)
+    kw = {"inner": dict(optimizer=torch.optim.AdamW), "flat": dict(optimizer="adamw", kernel="triton"),
+          "zero1": dict(optimizer="adamw", zero_stage=1)}[variant]
+    opt = HiFTOptimizer(model, units=units, lr=0.1, weight_decay=0.5, **kw)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        for m, o in ((ref_model, ref), (model, opt)):
+            m(x).backward()
+            o.step()
+            o.zero_grad()
+    assert not torch.equal(ref_model.spare, torch.ones(3))  # decayed, as with a zero gradient
+    assert ref._steps == [[2, 2], [2, 2, 2]]
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q)

@@ -98,3 +98,15 @@ def test_grouping(llama):
         group_units(units, None, num_groups=6)
     with pytest.raises(ValueError, match="not both"):
         group_units(units, 2, num_groups=2)
+
+
+def test_encoder_decoder_asks_for_patterns_instead_of_a_lopsided_split():
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                 num_decoder_layers=2, num_heads=2))
+    with pytest.raises(ValueError, match=r"several stacks of transformer blocks: decoder.block \(2 blocks\), "
+                                         r"encoder.block \(2 blocks\)"):
+        discover_units(t5)
+    patterns = ["shared", "encoder.block.0", "encoder.block.1", "encoder.final_layer_norm|decoder.block.0",
+                "decoder.block.1", "decoder.final_layer_norm|lm_head"]
+    opt = HiFTOptimizer(t5, "adamw", units=patterns)  # the documented way out works
+    assert opt.num_groups == len(patterns)
