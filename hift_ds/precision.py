@@ -3,10 +3,11 @@ from __future__ import annotations
 
 
 class DynamicLossScaler:
-    """Loss scale that halves on overflow and doubles after ``growth_interval`` clean steps."""
+    """fp16 loss scale with DeepSpeed's rules: hysteresis before halving, doubling after a clean window."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000, factor: float = 2.0,
-                 min_scale: float = 1.0, hysteresis: int = 1, dynamic: bool = True):
+                 min_scale: float = 1.0, hysteresis: int = 1, consecutive_hysteresis: bool = False,
+                 dynamic: bool = True):
         if init_scale <= 0 or factor <= 1.0 or growth_interval < 1 or hysteresis < 1:
             raise ValueError(f"invalid loss scaler settings: init_scale={init_scale}, factor={factor}, "
                              f"growth_interval={growth_interval}, hysteresis={hysteresis}")
@@ -15,9 +16,13 @@ class DynamicLossScaler:
         self.factor = factor
         self.min_scale = min_scale
         self.hysteresis = hysteresis
+        self.consecutive_hysteresis = consecutive_hysteresis
         self.dynamic = dynamic
-        self._clean_steps = 0
-        self._overflows_left = hysteresis
+        # The same counters as DeepSpeed's DynamicLossScaler, so an fp16 config gives the same
+        # sequence of scales (and skipped steps) as under DeepSpeed's own FP16 optimizer.
+        self._iter = 0
+        self._last_overflow = -1
+        self._hysteresis_left = hysteresis
 
     @classmethod
     def from_ds_fp16(cls, fp16: dict) -> "DynamicLossScaler":
@@ -27,30 +32,37 @@ class DynamicLossScaler:
             return cls(init_scale=static, dynamic=False)
         return cls(init_scale=2.0 ** fp16.get("initial_scale_power", 16),
                    growth_interval=fp16.get("loss_scale_window", 1000),
-                   min_scale=fp16.get("min_loss_scale", 1.0), hysteresis=fp16.get("hysteresis", 2))
+                   min_scale=fp16.get("min_loss_scale", 1.0), hysteresis=fp16.get("hysteresis", 2),
+                   consecutive_hysteresis=bool(fp16.get("consecutive_hysteresis", False)))
 
     def update(self, overflow: bool) -> None:
         """Account for one step that did (True) or did not overflow."""
         if not self.dynamic:
             return
         if overflow:
-            self._clean_steps = 0
-            self._overflows_left -= 1
-            if self._overflows_left <= 0:
+            if self.hysteresis == 1 or self._hysteresis_left == 1:
                 self.scale = max(self.scale / self.factor, self.min_scale)
-                self._overflows_left = self.hysteresis
-            return
-        self._clean_steps += 1
-        if self._clean_steps % self.growth_interval == 0:
-            self.scale *= self.factor
-            self._overflows_left = self.hysteresis
+            else:
+                self._hysteresis_left -= 1
+            self._last_overflow = self._iter
+        else:
+            if self.consecutive_hysteresis:
+                self._hysteresis_left = self.hysteresis
+            stable = self._iter - self._last_overflow - 1
+            if stable > 0 and stable % self.growth_interval == 0:
+                if not self.consecutive_hysteresis:
+                    self._hysteresis_left = self.hysteresis
+                self.scale *= self.factor
+        self._iter += 1
 
     def state_dict(self) -> dict:
         """Scale and counters, for checkpoints."""
-        return {"scale": self.scale, "clean_steps": self._clean_steps, "overflows_left": self._overflows_left}
+        return {"scale": self.scale, "iter": self._iter, "last_overflow": self._last_overflow,
+                "hysteresis_left": self._hysteresis_left}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict``."""
         self.scale = state["scale"]
-        self._clean_steps = state["clean_steps"]
-        self._overflows_left = state["overflows_left"]
+        self._iter = state["iter"]
+        self._last_overflow = state["last_overflow"]
+        self._hysteresis_left = state["hysteresis_left"]

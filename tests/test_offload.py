@@ -76,11 +76,32 @@ def test_fp16_overflow_skips_and_retries_the_same_group():
     assert opt.schedule.steps_done == 2 + opt.num_groups
 
 
-def test_loss_scaler_grows_and_round_trips():
+@pytest.mark.parametrize("hysteresis,consecutive", [(1, False), (2, False), (3, False), (2, True)])
+def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive):
+    """Same scale after every step as DeepSpeed's DynamicLossScaler for the same fp16 config."""
+    from deepspeed.runtime.fp16 import loss_scaler as ds
+
+    monkeypatch.setattr(ds.dist, "get_rank", lambda *a, **k: 0)  # it only logs on rank 0
+    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 3, "hysteresis": hysteresis,
+            "consecutive_hysteresis": consecutive, "min_loss_scale": 4}
+    ours = DynamicLossScaler.from_ds_fp16(fp16)
+    ref = ds.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=3, min_scale=4, delayed_shift=hysteresis,
+                               consecutive_hysteresis=consecutive, raise_error_at_min_scale=False)
+    g = torch.Generator().manual_seed(hysteresis + 10 * consecutive)
+    flags = (torch.rand(200, generator=g) < 0.3).tolist() + [True] * 30 + [False] * 10
+    scales = []
+    for overflow in flags:
+        ours.update(overflow)
+        ref.update_scale(overflow)
+        assert ours.scale == ref.cur_scale, f"step {len(scales)}: {ours.scale} != {ref.cur_scale}"
+        scales.append(ours.scale)
+    assert len(set(scales)) > 3 and min(scales) == 4  # it went up and down, and hit the floor
+
+
+def test_loss_scaler_round_trips():
     s = DynamicLossScaler(init_scale=8.0, growth_interval=2)
     for overflow in (False, False, True, False):
         s.update(overflow)
-    assert s.scale == 8.0
     t = DynamicLossScaler()
     t.load_state_dict(s.state_dict())
     assert t.state_dict() == s.state_dict()
