@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # DeepSpeed optimizer "type" -> HiFT built-in; DeepSpeed's "Adam" is AdamW unless adam_w_mode is false.
 _DS_OPTIMIZERS = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd", "adagrad": "adagrad"}
 _DS_ONLY_PARAMS = ("torch_adam", "adam_w_mode", "fused")
+# DeepSpeed schedules that hold warmup_min_lr for iterations -1 and 0.
+_WARMUP_SCHEDULES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 # Scheduler parameters counted in optimizer steps, which HiFT converts to cycles.
 _STEP_PARAMS = ("warmup_num_steps", "total_num_steps", "cycle_first_step_size", "cycle_second_step_size",
                 "decay_step_size", "lr_range_test_step_size")
@@ -91,11 +93,20 @@ def _scheduler_from_config(block: dict, optimizer: HiFTOptimizer):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"scheduler.params.{key} must be an integer number of optimizer steps, got {value!r}")
     converted = cycles_for_steps(params, optimizer.num_groups)
+    warmup = kind in _WARMUP_SCHEDULES
+    if warmup and isinstance(converted.get("total_num_steps"), int):
+        converted["total_num_steps"] += 1  # the run's last cycle then sits at iteration total - 1
     changed = {k: f"{params[k]} -> {converted[k]}" for k in _STEP_PARAMS if k in params and params[k] != converted[k]}
     if changed and int(os.environ.get("RANK", "0")) == 0:
         logger.info("HiFT: LR schedule %s advances once per cycle of %d steps; step counts converted to cycles: %s",
                     kind, optimizer.num_groups, changed)
-    return cls(optimizer, **converted)
+    scheduler = cls(optimizer, **converted)
+    if warmup:
+        # DeepSpeed's warm-up schedules give warmup_min_lr (often 0) to iterations -1 and 0: two
+        # steps of plain DeepSpeed, but two whole cycles, every group's first two updates, under
+        # HiFT. Cycle c trains at iteration c + 1 instead.
+        scheduler.step(1)
+    return scheduler
 
 
 def single_process_env() -> None:

@@ -213,22 +213,27 @@ def test_lr_schedule_in_steps_advances_once_per_cycle(caplog):
             assert lrs[s] == lrs[s - 1], f"LR changed inside a cycle at step {s}: {lrs}"
     assert len(set(lrs)) > 3
 
-    # Plain DeepSpeed WarmupDecayLR in cycles (8 / 4 = 2 warm-up, 40 / 4 = 10 total), stepped once per cycle.
+    # Plain DeepSpeed WarmupDecayLR in cycles (8 / 4 = 2 warm-up, 40 / 4 = 10 cycles), stepped once per
+    # cycle, cycle c at iteration c + 1: DeepSpeed holds warmup_min_lr at iterations -1 and 0, which
+    # would cost HiFT two whole cycles; one cycle more in total keeps the last cycle above zero.
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    ref = WarmupDecayLR(dummy, **{**sched_params, "warmup_num_steps": 2, "total_num_steps": 10})
+    ref = WarmupDecayLR(dummy, **{**sched_params, "warmup_num_steps": 2, "total_num_steps": 11})
     per_cycle = []
-    for _ in range(10):
+    for c in range(10):
+        ref.step(c + 1)
         per_cycle.append(dummy.param_groups[0]["lr"])
-        ref.step()
     assert lrs == pytest.approx([per_cycle[s // K] for s in range(40)], rel=1e-12, abs=0)
+    assert lrs[0] > sched_params["warmup_min_lr"] and lrs[K] == pytest.approx(sched_params["warmup_max_lr"])
+    assert min(lrs) > 0  # no cycle trains for nothing, first or last
+    ref.step(11)
     assert sched.get_last_lr()[0] == pytest.approx(dummy.param_groups[0]["lr"], rel=1e-12, abs=0)
 
     logs = [r.getMessage() for r in caplog.records if r.name == "hift_ds.engine" and "converted to cycles" in
             r.getMessage()]
     assert len(logs) == 1, logs
-    assert "'warmup_num_steps': '8 -> 2'" in logs[0] and "'total_num_steps': '40 -> 10'" in logs[0]
+    assert "'warmup_num_steps': '8 -> 2'" in logs[0] and "'total_num_steps': '40 -> 11'" in logs[0]
 
 
 def test_client_lr_scheduler_callable_advances_once_per_cycle():
