@@ -101,11 +101,11 @@ def format_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['label']:<16}  error: {r['error']}")
             continue
-        delta = r["after"][metric] - ref["after"][metric] if ref else float("nan")
+        delta = f"{r['after'][metric] - ref['after'][metric]:+.4f}" if ref else "-"  # no fpft run (--only)
         target = verdict(r, ref) if ref and r is not ref else ""
         lr = "config" if r["lr"] is None else f"{r['lr']:g}"
         lines.append(f"{r['label']:<16}{lr:>9}{len(r['seeds']):>6}{r['after'][metric]:>10.4f} "
-                     f"+-{r['after_std'][metric]:.3f}{r['after']['eval_loss']:>11.4f}{delta:>+9.4f}"
+                     f"+-{r['after_std'][metric]:.3f}{r['after']['eval_loss']:>11.4f}{delta:>9}"
                      f"{r['seconds']:>9.1f}  {target}")
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ from hift_ds import kernels
 from hift_ds.config import load_ds_config, parse_hift_config
 from hift_ds.optimizer import CycleLRScheduler, HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler
+from hift_ds.units import trainable_parameters
 from hift_ds.zero import DEFAULT_BUCKET_NUMEL
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,13 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     clip = float(ds_config.pop("gradient_clipping", GRADIENT_CLIPPING_DEFAULT) or 0.0)
     ds_config["gradient_clipping"] = 0.0
 
+    if model_parameters is not None:  # habitually passed as model.parameters(); a subset cannot be honoured
+        given = {id(p) for item in model_parameters
+                 for p in (item["params"] if isinstance(item, dict) else [item])}
+        if not given >= {id(p) for _, p in trainable_parameters(model)}:
+            raise ValueError("model_parameters= leaves out some of the model's trainable parameters, but HiFT trains "
+                             "every one of them group by group; set requires_grad=False on those to keep frozen, "
+                             "or drop model_parameters=")
     model = model.to(device=_device(), dtype=dtype)
     name, opt_params = _optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
@@ -198,13 +206,6 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
                "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}
     optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
                               **buckets, **hift.optimizer_kwargs(), **opt_params)
-
-    if model_parameters is not None:  # habitually passed as model.parameters(); a subset cannot be honoured
-        given = {id(p) for item in model_parameters
-                 for p in (item["params"] if isinstance(item, dict) else [item])}
-        if given != {id(p) for p in model.parameters()}:
-            raise ValueError("model_parameters= selects a subset of the model's parameters, but HiFT trains every "
-                             "parameter group by group; drop model_parameters=")
 
     sched_block = ds_config.pop("scheduler", None)
     if sched_block is not None and lr_scheduler is not None:

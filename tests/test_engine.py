@@ -317,9 +317,14 @@ def test_deepspeed_config_spellings_are_honoured():
     engine, opt, _, _ = hift_ds.initialize(model=model, model_parameters=model.parameters(), config_params=cfg)
     assert next(engine.module.parameters()).dtype == torch.bfloat16 and opt.masters
     assert all(pg["weight_decay"] == 0.0 for pg in opt.param_groups)
-    with pytest.raises(ValueError, match=r"model_parameters= selects a subset"):
+    with pytest.raises(ValueError, match=r"model_parameters= leaves out some of the model's trainable parameters"):
         m = W.tiny_llama()
         hift_ds.initialize(model=m, model_parameters=list(m.parameters())[:3], config=_cfg())
+    m = W.tiny_llama()
+    m.model.embed_tokens.weight.requires_grad_(False)  # the usual filter over a partly frozen model is fine
+    _, opt, _, _ = hift_ds.initialize(model=m, config=_cfg(),
+                                      model_parameters=filter(lambda p: p.requires_grad, m.parameters()))
+    assert "model.embed_tokens.weight" not in sum((opt.group_param_names(g) for g in range(opt.num_groups)), [])
     with pytest.raises(ValueError, match=r"model parallelism \(mpu=\) is not supported with zero_optimization.stage=1"):
         hift_ds.initialize(model=W.tiny_llama(), config=_cfg(zero_optimization={"stage": 1}), mpu=object())
 
