@@ -21,8 +21,9 @@ from torch import nn
 
 from hift_ds import kernels
 from hift_ds.config import load_ds_config, parse_hift_config
-from hift_ds.optimizer import CycleLRScheduler, HiFTOptimizer
+from hift_ds.optimizer import HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler
+from hift_ds.schedule import CycleLRScheduler
 from hift_ds.units import trainable_parameters
 from hift_ds.zero import DEFAULT_BUCKET_NUMEL
 

@@ -506,38 +506,3 @@ class _Lazy:
 
     def __getitem__(self, g: int) -> Tensor:
         return self.item(g)
-
-
-def lr_cycle_scheduler(scheduler, optimizer: HiFTOptimizer) -> "CycleLRScheduler":
-    """Wrap a torch/DeepSpeed LR scheduler so it advances once per HiFT cycle, not per step."""
-    return CycleLRScheduler(scheduler, optimizer)
-
-
-class CycleLRScheduler:
-    """LR scheduler wrapper: ``step()`` is called every optimizer step, the inner one every cycle."""
-
-    def __init__(self, scheduler, optimizer: HiFTOptimizer):
-        if not isinstance(optimizer, HiFTOptimizer):
-            raise TypeError(f"lr_cycle_scheduler needs a HiFTOptimizer, got {type(optimizer).__name__}")
-        self.scheduler = scheduler
-        self.optimizer = optimizer
-        self._cycles_seen = optimizer.cycle
-
-    def step(self, *args, **kwargs) -> None:
-        """Advance the inner scheduler once for each cycle completed since the last call."""
-        while self._cycles_seen < self.optimizer.cycle:
-            self.scheduler.step(*args, **kwargs)
-            self._cycles_seen += 1
-
-    def get_last_lr(self) -> list[float]:
-        """The learning rates the inner scheduler set last."""
-        return [pg["lr"] for pg in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        """Inner scheduler state plus the number of cycles it has seen."""
-        return {"inner": self.scheduler.state_dict(), "cycles_seen": self._cycles_seen}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict``."""
-        self.scheduler.load_state_dict(state["inner"])
-        self._cycles_seen = state["cycles_seen"]

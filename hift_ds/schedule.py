@@ -1,4 +1,4 @@
-"""Which HiFT group is active at which optimizer step (pure Python, no torch).
+"""Which HiFT group is active at which optimizer step, and the LR schedule per cycle (pure Python, no torch).
 
 The position is a single counter of completed optimizer steps; the cycle, the index inside the
 cycle and the random permutation all derive from it and the seed. That keeps the schedule
@@ -90,3 +90,39 @@ class GroupSchedule:
         """Restore a position saved by ``state_dict``; groups, strategy and (random) seed must match."""
         self.check_state_dict(state)
         self.steps_done = int(state["steps_done"])
+
+
+def lr_cycle_scheduler(scheduler, optimizer) -> "CycleLRScheduler":
+    """Wrap a torch/DeepSpeed LR scheduler so it advances once per HiFT cycle, not per step."""
+    return CycleLRScheduler(scheduler, optimizer)
+
+
+class CycleLRScheduler:
+    """LR scheduler wrapper: ``step()`` is called every optimizer step, the inner one every cycle."""
+
+    def __init__(self, scheduler, optimizer):
+        # Duck-typed so this module stays free of torch: anything with HiFT's cycle counter.
+        if not hasattr(optimizer, "cycle") or not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"lr_cycle_scheduler needs a HiFTOptimizer, got {type(optimizer).__name__}")
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self._cycles_seen = optimizer.cycle
+
+    def step(self, *args, **kwargs) -> None:
+        """Advance the inner scheduler once for each cycle completed since the last call."""
+        while self._cycles_seen < self.optimizer.cycle:
+            self.scheduler.step(*args, **kwargs)
+            self._cycles_seen += 1
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rates the inner scheduler set last."""
+        return [pg["lr"] for pg in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Inner scheduler state plus the number of cycles it has seen."""
+        return {"inner": self.scheduler.state_dict(), "cycles_seen": self._cycles_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict``."""
+        self.scheduler.load_state_dict(state["inner"])
+        self._cycles_seen = state["cycles_seen"]

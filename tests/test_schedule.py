@@ -102,3 +102,10 @@ def test_bad_input():
     s = GroupSchedule(3)
     with pytest.raises(ValueError, match="checkpoint has 4 HiFT groups but this run has 3"):
         s.load_state_dict(GroupSchedule(4).state_dict())
+
+
+def test_cycle_lr_scheduler_needs_a_hift_optimizer():
+    from hift_ds import lr_cycle_scheduler
+
+    with pytest.raises(TypeError, match="lr_cycle_scheduler needs a HiFTOptimizer, got list"):
+        lr_cycle_scheduler(object(), [])
