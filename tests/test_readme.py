@@ -33,3 +33,26 @@ def test_every_train_flag_in_the_readme_is_an_option():
     parser_flags = set(re.findall(r"(--[a-z][a-z-]+)", help_text))
     assert flags and flags <= parser_flags, flags - parser_flags
     assert train.parse_args([]).mode == "hift"
+
+
+def _python_block(after: str) -> str:
+    return README.split(after)[1].split("```python\n")[1].split("```")[0]
+
+
+def test_readme_python_examples_run(monkeypatch):
+    """Both usage snippets run as written on a tiny model (DeepSpeed on CPU, one process)."""
+    import torch
+
+    from conftest import batch, tiny_llama
+    from hift_ds.engine import single_process_env
+
+    single_process_env()
+    monkeypatch.chdir(ROOT)  # the snippet opens ds_configs/hift.json
+    x = batch(0)
+    loader = [{"input_ids": x, "labels": x}] * 3
+    ns = {"model": tiny_llama(), "loader": loader, "num_steps": 3}
+    exec(_python_block("### With DeepSpeed"), ns)
+    assert ns["optimizer"].schedule.steps_done == 3
+    ns = {"model": tiny_llama(), "loader": loader, "num_cycles": 2, "torch": torch}
+    exec(_python_block("### Plain PyTorch"), ns)
+    assert ns["opt"].schedule.steps_done == 3 and ns["opt"].cycle == 0
