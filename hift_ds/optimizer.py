@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -162,8 +163,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 self._weight_shard = torch.zeros(shard, dtype=self.model_dtype, device=self.device)
                 self._reducer = GradReducer(self._comm, self._params, self._layouts, self._grad_buf,
                                             self._grad_shard)
+            # The model outlives the optimizer (re-wrapping it is allowed): a hook holding a bound
+            # method would keep this optimizer and its buffers alive for good, so it holds a weak
+            # reference, and the hooks go when the optimizer does.
+            me = weakref.ref(self)
+            handles = []
             for p in all_params:
-                p.register_post_accumulate_grad_hook(self._on_grad)
+                p.requires_grad_(True)  # a previous wrapper froze it; torch hooks need it unfrozen
+                handles.append(p.register_post_accumulate_grad_hook(
+                    lambda q, me=me: me() is not None and me()._on_grad(q)))
+            weakref.finalize(self, lambda: [h.remove() for h in handles])
         for ps in self._params:
             for p in ps:
                 setattr(p, HIFT_FROZEN, True)

@@ -265,3 +265,22 @@ def test_unused_parameter_gets_a_zero_gradient_on_every_backend(variant):
     assert ref._steps == [[2, 2], [2, 2, 2]]
     for p, q in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_rewrapping_a_model_frees_the_previous_optimizer():
+    """Gradient hooks must not keep an old optimizer (and its flat buffers) alive, nor keep firing."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    old = HiFTOptimizer(model, "adamw", kernel="triton", lr=1e-2)
+    hooks = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None
+    opt = HiFTOptimizer(model, "adamw", kernel="triton", lr=1e-2)
+    assert sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()) == hooks
+    x = batch(0)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
