@@ -7,7 +7,7 @@ class DynamicLossScaler:
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000, factor: float = 2.0,
                  min_scale: float = 1.0, hysteresis: int = 1, consecutive_hysteresis: bool = False,
-                 dynamic: bool = True):
+                 dynamic: bool = True, raise_at_min_scale: bool = True):
         if init_scale <= 0 or factor <= 1.0 or growth_interval < 1 or hysteresis < 1:
             raise ValueError(f"invalid loss scaler settings: init_scale={init_scale}, factor={factor}, "
                              f"growth_interval={growth_interval}, hysteresis={hysteresis}")
@@ -18,6 +18,7 @@ class DynamicLossScaler:
         self.hysteresis = hysteresis
         self.consecutive_hysteresis = consecutive_hysteresis
         self.dynamic = dynamic
+        self.raise_at_min_scale = raise_at_min_scale
         # The same counters as DeepSpeed's DynamicLossScaler, so an fp16 config gives the same
         # sequence of scales (and skipped steps) as under DeepSpeed's own FP16 optimizer.
         self._iter = 0
@@ -41,6 +42,13 @@ class DynamicLossScaler:
             return
         if overflow:
             if self.hysteresis == 1 or self._hysteresis_left == 1:
+                if self.scale == self.min_scale and self.raise_at_min_scale:
+                    # As DeepSpeed does: otherwise every later step is skipped and the run
+                    # goes on without training.
+                    raise FloatingPointError(
+                        f"fp16 gradients still overflow at the minimum loss scale ({self.min_scale:g}); the run "
+                        "has diverged or needs more range: lower the LR, enable gradient_clipping, use bf16, or "
+                        "lower fp16.min_loss_scale")
                 self.scale = max(self.scale / self.factor, self.min_scale)
             else:
                 self._hysteresis_left -= 1

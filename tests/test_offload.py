@@ -85,6 +85,7 @@ def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive):
     fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 3, "hysteresis": hysteresis,
             "consecutive_hysteresis": consecutive, "min_loss_scale": 4}
     ours = DynamicLossScaler.from_ds_fp16(fp16)
+    ours.raise_at_min_scale = False  # as the reference below, to follow it along the floor
     ref = ds.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=3, min_scale=4, delayed_shift=hysteresis,
                                consecutive_hysteresis=consecutive, raise_error_at_min_scale=False)
     g = torch.Generator().manual_seed(hysteresis + 10 * consecutive)
@@ -96,6 +97,14 @@ def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive):
         assert ours.scale == ref.cur_scale, f"step {len(scales)}: {ours.scale} != {ref.cur_scale}"
         scales.append(ours.scale)
     assert len(set(scales)) > 3 and min(scales) == 4  # it went up and down, and hit the floor
+
+
+def test_loss_scaler_stops_the_run_when_overflowing_at_the_minimum():
+    s = DynamicLossScaler(init_scale=8.0, min_scale=4.0)
+    s.update(True)
+    assert s.scale == 4.0
+    with pytest.raises(FloatingPointError, match=r"still overflow at the minimum loss scale \(4\)"):
+        s.update(True)
 
 
 def test_loss_scaler_round_trips():
