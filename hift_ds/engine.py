@@ -95,9 +95,12 @@ def _scheduler_from_config(block: dict, optimizer: HiFTOptimizer):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"scheduler.params.{key} must be an integer number of optimizer steps, got {value!r}")
     converted = cycles_for_steps(params, optimizer.num_groups)
-    warmup = kind in _WARMUP_SCHEDULES
+    # A config that places the schedule itself (last_batch_iteration) is left where it says.
+    warmup = kind in _WARMUP_SCHEDULES and params.get("last_batch_iteration", -1) == -1
     if warmup and isinstance(converted.get("total_num_steps"), int):
-        converted["total_num_steps"] += 1  # the run's last cycle then sits at iteration total - 1
+        # With the shift below the run's last cycle sits at iteration total - 1 (decay: above 0),
+        # or total - 2 for the cosine, whose progress reaches 1 (its floor) one iteration earlier.
+        converted["total_num_steps"] += 2 if kind == "WarmupCosineLR" else 1
     changed = {k: f"{params[k]} -> {converted[k]}" for k in _STEP_PARAMS if k in params and params[k] != converted[k]}
     if changed and int(os.environ.get("RANK", "0")) == 0:
         logger.info("HiFT: LR schedule %s advances once per cycle of %d steps; step counts converted to cycles: %s",
@@ -247,8 +250,13 @@ def _sync_masters_after_module_loads(engine, optimizer: HiFTOptimizer) -> None:
         out = load(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        if bound.arguments["load_module_only"] or not bound.arguments["load_optimizer_states"]:
+        loaded = out[0] is not None
+        if loaded and (bound.arguments["load_module_only"] or not bound.arguments["load_optimizer_states"]):
             optimizer.sync_masters_from_model()
+            # The scheduler may have been restored while the optimizer restarts at cycle 0: it
+            # must count cycles from here, or the LR would stay put until the old count is reached.
+            if isinstance(engine.lr_scheduler, CycleLRScheduler):
+                engine.lr_scheduler.restart_cycle_count()
         return out
 
     engine.load_checkpoint = load_checkpoint

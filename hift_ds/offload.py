@@ -64,6 +64,9 @@ class GroupStore:
         with torch.cuda.stream(self._stream):
             for k, dst in self._slot.items():
                 dst[:n].copy_(self.home[g][k], non_blocking=True)
+                # If the store is freed with this copy queued, the allocator must not hand the
+                # slot to the compute stream before the copy has run.
+                dst.record_stream(self._stream)
             self._ready = torch.cuda.Event()
             self._ready.record(self._stream)
 
@@ -95,6 +98,7 @@ class GroupStore:
         with torch.cuda.stream(self._stream):
             for k, src in self._slot.items():
                 self.home[g][k].copy_(src[:n], non_blocking=True)
+                src.record_stream(self._stream)
             # If the same group is acquired again next (one group, or a random order repeating
             # across a cycle boundary) no prefetch is queued, and its update must not overwrite
             # the slot while this copy-out still reads it.

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import weakref
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
@@ -42,8 +44,13 @@ def _resolve_optimizer(optimizer: str | type) -> tuple[str | None, type | None]:
     raise TypeError(f"optimizer must be a name or a torch.optim.Optimizer subclass, got {optimizer!r}")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _number(v) -> float | None:
+    # What torch.optim accepts: Python and numpy scalars, 0-d tensors; None for anything else.
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
 
 
 def _builtin_hyper(name: str, kwargs: dict) -> dict:
@@ -54,15 +61,18 @@ def _builtin_hyper(name: str, kwargs: dict) -> dict:
     hyper = {**defaults, **kwargs}
     for key, value in hyper.items():
         if key == "betas":
-            if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(b) and 0 <= b < 1
-                                                                                   for b in value)):
+            betas = [_number(b) for b in value] if isinstance(value, Iterable) and not isinstance(value, str) else []
+            if len(betas) != 2 or not all(b is not None and 0 <= b < 1 for b in betas):
                 raise ValueError(f"{name} betas must be two numbers in [0, 1), got {value!r}")
-            hyper["betas"] = tuple(float(b) for b in value)
+            hyper["betas"] = tuple(betas)
         elif isinstance(defaults[key], bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} {key} must be true or false, got {value!r}")
-        elif not _is_number(value) or value < 0:
-            raise ValueError(f"{name} {key} must be a finite number >= 0, got {value!r}")
+        else:
+            number = _number(value)
+            if number is None or number < 0:
+                raise ValueError(f"{name} {key} must be a finite number >= 0, got {value!r}")
+            hyper[key] = number
     if name == "sgd" and hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
         raise ValueError("sgd nesterov=True needs momentum > 0 and dampening == 0")
     return hyper
@@ -167,11 +177,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
             # method would keep this optimizer and its buffers alive for good, so it holds a weak
             # reference, and the hooks go when the optimizer does.
             me = weakref.ref(self)
+
+            def hook(q: nn.Parameter) -> None:  # must return None, or torch takes it for a new grad
+                opt = me()
+                if opt is not None:
+                    opt._on_grad(q)
             handles = []
             for p in all_params:
                 p.requires_grad_(True)  # a previous wrapper froze it; torch hooks need it unfrozen
-                handles.append(p.register_post_accumulate_grad_hook(
-                    lambda q, me=me: me() is not None and me()._on_grad(q)))
+                handles.append(p.register_post_accumulate_grad_hook(hook))
             weakref.finalize(self, lambda: [h.remove() for h in handles])
         for ps in self._params:
             for p in ps:
@@ -265,8 +279,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def _adopt_grads(self, g: int) -> None:
         # Something set .grad to None after activation (DeepSpeed's engine.zero_grad, a user's
         # model.zero_grad()), so autograd made fresh tensors: move them into the flat buffer.
+        # A parameter that got no gradient since then must not keep the stale one in its view.
         for p, view in zip(self._params[g], self._split(g, self._grad_buf)):
-            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+            if p.grad is None:
+                view.zero_()
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
                 p.grad = view
 

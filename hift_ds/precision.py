@@ -71,6 +71,8 @@ class DynamicLossScaler:
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict``."""
         self.scale = state["scale"]
+        if "iter" not in state:  # saved before the counters followed DeepSpeed's
+            state = {"iter": state["clean_steps"], "last_overflow": -1, "hysteresis_left": state["overflows_left"]}
         self._iter = state["iter"]
         self._last_overflow = state["last_overflow"]
         self._hysteresis_left = state["hysteresis_left"]

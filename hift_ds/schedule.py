@@ -114,6 +114,10 @@ class CycleLRScheduler:
             self.scheduler.step(*args, **kwargs)
             self._cycles_seen += 1
 
+    def restart_cycle_count(self) -> None:
+        """Count cycles from the optimizer's current one (after it was reset without the scheduler)."""
+        self._cycles_seen = self.optimizer.cycle
+
     def get_last_lr(self) -> list[float]:
         """The learning rates the inner scheduler set last."""
         return [pg["lr"] for pg in self.optimizer.param_groups]

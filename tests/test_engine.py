@@ -236,6 +236,29 @@ def test_lr_schedule_in_steps_advances_once_per_cycle(caplog):
     assert "'warmup_num_steps': '8 -> 2'" in logs[0] and "'total_num_steps': '40 -> 11'" in logs[0]
 
 
+def test_warmup_cosine_last_cycle_is_above_its_floor():
+    params = {"warmup_min_ratio": 0.0, "warmup_num_steps": 8, "total_num_steps": 40, "cos_min_ratio": 0.0}
+    engine, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(),
+                                           config=W.ds_config(scheduler={"type": "WarmupCosineLR", "params": params}))
+    lrs = []
+    W.train_engine(engine, opt, 0, 40, micro=2, gas=1, lrs=lrs)
+    assert min(lrs) > 0, lrs  # neither the first cycle (warm-up start) nor the last (cosine end) is wasted
+    assert max(lrs) == pytest.approx(1e-2)
+
+
+def test_load_without_optimizer_states_restarts_the_cycle_count(tmp_path):
+    cfg = W.ds_config(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 40, "warmup_max_lr": 1e-2}})
+    engine, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(), config=cfg)
+    W.train_engine(engine, opt, 0, 3 * K, micro=2, gas=1)
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    engine, opt, _, sched = hift_ds.initialize(model=W.tiny_llama(), config=cfg)
+    engine.load_checkpoint(str(tmp_path), tag="t", load_optimizer_states=False)
+    assert sched.scheduler.last_batch_iteration == 4 and opt.cycle == 0  # scheduler restored, optimizer not
+    lrs = []
+    W.train_engine(engine, opt, 0, 2 * K, micro=2, gas=1, lrs=lrs)
+    assert lrs[K] > lrs[0]  # the LR moves on after the first cycle, not after three
+
+
 def test_client_lr_scheduler_callable_advances_once_per_cycle():
     engine, opt, _, sched = hift_ds.initialize(
         model=W.tiny_llama(), config=W.ds_config(),

@@ -107,6 +107,14 @@ def test_loss_scaler_stops_the_run_when_overflowing_at_the_minimum():
         s.update(True)
 
 
+def test_loss_scaler_loads_state_saved_by_the_earlier_counters():
+    s = DynamicLossScaler(hysteresis=2)
+    s.load_state_dict({"scale": 1024.0, "clean_steps": 5, "overflows_left": 1})
+    assert s.scale == 1024.0
+    s.update(True)  # one overflow left before a drop
+    assert s.scale == 512.0
+
+
 def test_loss_scaler_round_trips():
     s = DynamicLossScaler(init_scale=8.0, growth_interval=2)
     for overflow in (False, False, True, False):

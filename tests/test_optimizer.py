@@ -284,3 +284,30 @@ def test_rewrapping_a_model_frees_the_previous_optimizer():
     x = batch(0)
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
+
+
+def test_flat_path_does_not_reuse_a_gradient_dropped_by_zero_grad():
+    """model.zero_grad() then a backward that skips a parameter: that parameter's gradient is zero, not stale."""
+    def run(kernel):
+        torch.manual_seed(0)
+        m = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3)})
+        opt = HiFTOptimizer(m, "sgd", units=["a|b"], kernel=kernel, lr=1.0)
+        x = torch.ones(2, 3)
+        m["b"](m["a"](x)).sum().backward()
+        m.zero_grad()  # sets .grad to None behind the optimizer's back
+        m["b"](x).sum().backward()  # a gets no gradient this time
+        before = m["a"].weight.detach().clone()
+        opt.step()
+        return m["a"].weight.detach() - before
+    assert torch.equal(run("torch"), torch.zeros(3, 3))
+    assert torch.equal(run("triton"), torch.zeros(3, 3))
+
+
+def test_hyper_parameters_accept_what_torch_accepts():
+    import numpy as np
+
+    opt = HiFTOptimizer(tiny_llama(), "adamw", lr=np.float32(1e-3), weight_decay=np.int64(0),
+                        betas=np.array([0.9, 0.99]), eps=torch.tensor(1e-8))
+    hyper = opt.param_groups[0]
+    assert hyper["lr"] == pytest.approx(1e-3) and type(hyper["lr"]) is float
+    assert hyper["betas"] == (0.9, 0.99) and hyper["weight_decay"] == 0.0 and type(hyper["eps"]) is float
