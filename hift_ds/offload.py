@@ -17,11 +17,12 @@ MASTER = "master"
 class GroupStore:
     """Flat per-group buffers of masters and optimizer state, resident or offloaded."""
 
-    def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: list[Tensor] | None,
+    def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: bool,
                  offload: bool, device: torch.device, pin_memory: bool = True):
         self.device = torch.device(device)
         self.offload = offload
-        self.kinds = ({MASTER: 0.0} if masters is not None else {}) | dict(kinds)
+        # The owner fills the masters (from its weights) once the buffers exist.
+        self.kinds = ({MASTER: 0.0} if masters else {}) | dict(kinds)
         self.numels = list(numels)
         self.allocations = 0  # counted so tests can prove nothing is allocated per step
         on_cuda = self.device.type == "cuda"
@@ -29,10 +30,7 @@ class GroupStore:
         home_device = torch.device("cpu") if offload else self.device
         self.home: list[dict[str, Tensor]] = []
         for g, n in enumerate(self.numels):
-            bufs = {k: self._alloc(n, home_device, fill) for k, fill in self.kinds.items()}
-            if masters is not None:
-                bufs[MASTER].copy_(masters[g])
-            self.home.append(bufs)
+            self.home.append({k: self._alloc(n, home_device, fill) for k, fill in self.kinds.items()})
         # One device slot suffices: the next group is prefetched right after the finished one's
         # write-back is queued on the same copy stream, so the copy-in cannot overtake the
         # copy-out, and both run during the next forward/backward. A second slot would only

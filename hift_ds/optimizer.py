@@ -139,11 +139,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._layouts = [ShardLayout(n, world, self._comm.rank, buckets) for n in numels] if self._comm else []
             sizes = [lay.padded for lay in self._layouts] or numels
             self._weights = [self._flatten_weights(ps, n) for ps, n in zip(self._params, sizes)] if self._flat else []
-            masters = _Lazy(self._masters_from_model) if self.masters else None
             self.store = GroupStore([lay.shard_numel for lay in self._layouts] or numels,
                                     kernels.state_kinds(self.name, hyper),
-                                    masters=masters, offload=offload == "cpu", device=self.device,
+                                    masters=self.masters, offload=offload == "cpu", device=self.device,
                                     pin_memory=pin_memory)
+            self.sync_masters_from_model()
             self._inner = None
         else:
             if offload != "none" or self.masters:
@@ -230,9 +230,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return torch.cat([p.detach().reshape(-1).float() for p in self._params[g]])
 
     def sync_masters_from_model(self) -> None:
-        """Re-read the fp32 masters from the model's bf16/fp16 weights after these changed outside the optimizer."""
+        """Set the fp32 masters from the model's bf16/fp16 weights (at start, and after these changed outside)."""
         # DeepSpeed broadcasts rank 0's weights after the optimizer exists, and a module-only
         # checkpoint load overwrites the weights: stale masters would undo either at the next step.
+        # One group at a time, so no full fp32 copy of the model is ever made.
         if self.store is None or not self.masters:
             return
         self.store.invalidate()
@@ -523,13 +524,3 @@ class HiFTOptimizer(torch.optim.Optimizer):
                                            for t in s.values() if torch.is_tensor(t)),
                           state_host_pinned=0, state_host_pageable=0)
         return report
-
-
-class _Lazy:
-    """A sequence whose item g is computed when read: initial masters, one group at a time."""
-
-    def __init__(self, item: Callable[[int], Tensor]):
-        self.item = item
-
-    def __getitem__(self, g: int) -> Tensor:
-        return self.item(g)
