@@ -228,7 +228,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         optimizer=optimizer, config=ds_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
     # DeepSpeed has just broadcast rank 0's weights into the model; the masters must follow.
     optimizer.sync_masters_from_model()
-    _sync_masters_after_module_loads(engine, optimizer)
+    _resync_after_partial_loads(engine, optimizer)
     if stage:
         engine.enable_backward_allreduce = False  # the optimizer reduce-scatters the active group
     if optimizer.reduces_in_backward:
@@ -241,8 +241,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     return engine, ds_opt, loader, sched
 
 
-def _sync_masters_after_module_loads(engine, optimizer: HiFTOptimizer) -> None:
-    # A load without optimizer states replaces the weights but not the masters the next update reads.
+def _resync_after_partial_loads(engine, optimizer: HiFTOptimizer) -> None:
+    # A load without optimizer states replaces the weights but not the masters the next update
+    # reads, and may restore the LR scheduler while the optimizer's cycle count starts over.
     load = engine.load_checkpoint
     signature = inspect.signature(load)
 

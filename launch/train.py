@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
             _mark(prof, "backward")
             engine.backward(loss)
             _mark(prof, "step")
-            if (micro_done + 1) % gas == 0:  # this engine.step() updates: it then moves the group and LR on
+            if engine.is_gradient_accumulation_boundary():  # this step updates, then moves group and LR on
                 lr, group = optimizer.param_groups[0]["lr"], getattr(optimizer, "active_group", None)
             engine.step()
             _mark(prof, None)
