@@ -1,5 +1,6 @@
 """Shared fixtures: CPU-only environment and tiny models."""
 import os
+import socket
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,3 +37,22 @@ def batch(step: int, size: int = 2, seq: int = 8) -> torch.Tensor:
 def llama():
     """A tiny 3-layer Llama (5 units)."""
     return tiny_llama()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_rank_env():
+    """What DeepSpeed needs to run in this process without a launcher (else it tries MPI)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+            mp.setenv(k, v)
+        if not torch.distributed.is_initialized():
+            mp.setenv("MASTER_PORT", str(free_port()))
+        yield

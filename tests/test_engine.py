@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,29 +19,13 @@ from hift_ds.offload import MASTER
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _engine_worker as W  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_engine_worker.py")
 K = 4  # groups of the 2-layer tiny Llama with group_size 1 (embeddings, 2 blocks, norm + head)
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_rank_env():
-    """What DeepSpeed needs to run in this process without a launcher (else it tries MPI)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DS_ACCELERATOR", "cpu")
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-            mp.setenv(k, v)
-        if not torch.distributed.is_initialized():
-            mp.setenv("MASTER_PORT", str(free_port()))
-        yield
+pytestmark = pytest.mark.usefixtures("single_rank_env")
 
 
 def subprocess_env(**extra) -> dict:
@@ -267,139 +250,6 @@ def test_client_lr_scheduler_callable_advances_once_per_cycle():
     lrs = []
     W.train_engine(engine, opt, 0, 3 * K, micro=2, gas=1, lrs=lrs)
     assert lrs == pytest.approx([1e-2] * K + [5e-3] * K + [2.5e-3] * K)
-
-
-# ---- 4. config errors -----------------------------------------------------------------------------
-def _cfg(**kw):
-    return W.ds_config(**kw)
-
-
-CONFIG_ERRORS = {
-    "unknown_hift_key": (_cfg(hift={"group_size": 1, "colour": "red"}), ValueError,
-                         r"unknown key 'colour' \(valid keys: group_size, num_groups, strategy, seed"),
-    "unknown_offload_key": (_cfg(hift={"offload": {"device": "cpu", "speed": 3}}), ValueError,
-                            r"unknown key 'offload.speed' \(valid keys: device, pin_memory, prefetch\)"),
-    "unknown_strategy": (_cfg(hift={"strategy": "sideways"}), ValueError,
-                         r"unknown strategy 'sideways'; use one of bottom2up, top2down, random"),
-    "group_size_0": (_cfg(hift={"group_size": 0}), ValueError, r"group_size: .*must be >= 1, got 0"),
-    "num_groups_0": (_cfg(hift={"num_groups": 0}), ValueError, r"num_groups: .*must be >= 1, got 0"),
-    "group_size_and_num_groups": (_cfg(hift={"group_size": 2, "num_groups": 2}), ValueError,
-                                  r"set either group_size \(2\) or num_groups \(2\), not both"),
-    "hift_not_object": (_cfg(hift=[1]), TypeError, r'"hift" config block must be a JSON object, got list'),
-    "missing_hift": ({"train_micro_batch_size_per_gpu": 2}, ValueError, r'no "hift" block; add "hift"'),
-    "unknown_optimizer": (_cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3}}), ValueError,
-                          r"optimizer type 'Lamb' is not supported with HiFT; use one of Adam, AdamW, SGD, Adagrad"),
-    "unknown_optimizer_option": (_cfg(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "momentum": 0.9}}),
-                                 ValueError, r"optimizer.params \['momentum'\] are not options of AdamW with HiFT"),
-    "bad_optimizer_value": (_cfg(optimizer={"type": "AdamW", "params": {"lr": "fast"}}), ValueError,
-                            r"adamw lr must be a finite number >= 0, got 'fast'"),
-    "bad_betas": (_cfg(optimizer={"type": "Adam", "params": {"betas": [0.9]}}), ValueError,
-                  r"adamw betas must be two numbers in \[0, 1\), got \[0.9\]"),
-    "no_bias_correction": (_cfg(optimizer={"type": "Adam", "params": {"bias_correction": False}}), ValueError,
-                           r"bias_correction=false is not supported with HiFT"),
-    "auto_steps": (_cfg(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}), ValueError,
-                   r'scheduler.params.warmup_num_steps is "auto", which only launch/train.py fills in'),
-    "float_steps": (_cfg(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 2.5}}), ValueError,
-                    r"warmup_num_steps must be an integer number of optimizer steps, got 2.5"),
-    "amp": (_cfg(amp={"enabled": True}), ValueError, r'"amp" is not supported with the hift block; use "bf16"'),
-    "torch_autocast": (_cfg(torch_autocast={"enabled": True}), ValueError,
-                       r'"torch_autocast" is not supported with the hift block'),
-    "bf16_and_bfloat16": (_cfg(bf16={"enabled": True}, bfloat16={"enabled": True}), ValueError,
-                          r'both "bf16" and its old name "bfloat16"'),
-    "unknown_scheduler": (_cfg(scheduler={"type": "CosineForever", "params": {}}), ValueError,
-                          r"scheduler type 'CosineForever' is not one of DeepSpeed's"),
-    "bf16_and_fp16": (_cfg(bf16={"enabled": True}, fp16={"enabled": True}), ValueError,
-                      r"both bf16 and fp16 are enabled"),
-    "zero_stage_3": (_cfg(zero_optimization={"stage": 3}), ValueError,
-                     r"zero_optimization.stage=3 is not supported with the hift block"),
-    "zero_offload_optimizer": (_cfg(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
-                               ValueError, r"zero_optimization.offload_optimizer does not apply to HiFT"),
-    "config_not_dict_or_path": (42, TypeError, r"config must be a dict or a path to a JSON file, got int"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
-def test_config_errors(case):
-    config, exc, match = CONFIG_ERRORS[case]
-    with pytest.raises(exc, match=match):
-        hift_ds.initialize(model=W.tiny_llama(), config=config)
-
-
-def test_readme_config_with_auto_steps_names_the_fix():
-    """The shipped configs leave step counts to launch/train.py; the API must say so, not raise TypeError."""
-    with pytest.raises(ValueError, match=r'total_num_steps is "auto"|warmup_num_steps is "auto"'):
-        hift_ds.initialize(model=W.tiny_llama(), config=os.path.join(os.path.dirname(HERE), "ds_configs", "hift.json"))
-
-
-def test_deepspeed_config_spellings_are_honoured():
-    """What plain DeepSpeed accepts trains the same way: old "bfloat16" key, null offload, config_params,
-    AdamW without weight_decay (DeepSpeed's default 0), model_parameters=model.parameters()."""
-    model = W.tiny_llama()
-    cfg = _cfg(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "bias_correction": True}},
-               bfloat16={"enabled": True}, zero_optimization={"stage": 0, "offload_optimizer": None})
-    engine, opt, _, _ = hift_ds.initialize(model=model, model_parameters=model.parameters(), config_params=cfg)
-    assert next(engine.module.parameters()).dtype == torch.bfloat16 and opt.masters
-    assert all(pg["weight_decay"] == 0.0 for pg in opt.param_groups)
-    with pytest.raises(ValueError, match=r"model_parameters= leaves out some of the model's trainable parameters"):
-        m = W.tiny_llama()
-        hift_ds.initialize(model=m, model_parameters=list(m.parameters())[:3], config=_cfg())
-    m = W.tiny_llama()
-    m.model.embed_tokens.weight.requires_grad_(False)  # the usual filter over a partly frozen model is fine
-    _, opt, _, _ = hift_ds.initialize(model=m, config=_cfg(),
-                                      model_parameters=filter(lambda p: p.requires_grad, m.parameters()))
-    assert "model.embed_tokens.weight" not in sum((opt.group_param_names(g) for g in range(opt.num_groups)), [])
-    with pytest.raises(ValueError, match=r"model parallelism \(mpu=\) is not supported with zero_optimization.stage=1"):
-        hift_ds.initialize(model=W.tiny_llama(), config=_cfg(zero_optimization={"stage": 1}), mpu=object())
-
-
-def _masters_equal_weights(opt) -> bool:
-    opt.store.synchronize()
-    return all(torch.equal(home[MASTER], torch.cat([p.detach().reshape(-1).float() for p in ps]))
-               for home, ps in zip(opt.store.home, opt._params))
-
-
-def test_masters_follow_weights_deepspeed_broadcasts_and_module_only_loads(monkeypatch, tmp_path):
-    """Rank 0's weights arrive after the optimizer was built; a module-only load replaces weights too."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    def broadcast(self):  # what rank 0's different weights look like to another rank
-        with torch.no_grad():
-            for p in self.module.parameters():
-                p.add_(1.0)
-    monkeypatch.setattr(DeepSpeedEngine, "_broadcast_model", broadcast)
-    engine, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(), config=_cfg(bf16={"enabled": True}))
-    assert _masters_equal_weights(opt)
-    engine.save_checkpoint(str(tmp_path), tag="t")
-    W.train_engine(engine, opt, 0, 3, micro=2, gas=1)
-    assert not _masters_equal_weights(opt)  # groups 1.. untouched, group 0 trained: masters differ
-    engine.load_checkpoint(str(tmp_path), tag="t", load_optimizer_states=False, load_lr_scheduler_states=False)
-    assert _masters_equal_weights(opt)
-
-
-def test_config_file_errors(tmp_path):
-    missing = tmp_path / "nope.json"
-    with pytest.raises(ValueError, match=r"DeepSpeed config file '.*nope.json' does not exist"):
-        hift_ds.initialize(model=W.tiny_llama(), config=str(missing))
-    with pytest.raises(ValueError, match=r"DeepSpeed config file '.*nope.json' does not exist"):
-        hift_ds.initialize(args=argparse.Namespace(deepspeed_config=str(missing)), model=W.tiny_llama())
-    bad = tmp_path / "bad.json"
-    bad.write_text("{\"hift\": {")
-    with pytest.raises(ValueError, match=r"is not valid JSON"):
-        hift_ds.initialize(model=W.tiny_llama(), config=str(bad))
-
-
-def test_call_errors():
-    with pytest.raises(ValueError, match=r"needs model="):
-        hift_ds.initialize(config=_cfg())
-    with pytest.raises(ValueError, match=r"no DeepSpeed config"):
-        hift_ds.initialize(model=W.tiny_llama())
-    with pytest.raises(ValueError, match=r"do not pass optimizer="):
-        model = W.tiny_llama()
-        hift_ds.initialize(model=model, config=_cfg(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"both in the config and passed as lr_scheduler="):
-        hift_ds.initialize(model=W.tiny_llama(),
-                           config=_cfg(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 8}}),
-                           lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1))
 
 
 # ---- 5. checkpoint mid-cycle, resume in a new process ---------------------------------------------

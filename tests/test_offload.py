@@ -146,7 +146,7 @@ def test_offload_when_a_group_follows_itself_equals_resident(num_groups):
     """The slot is reused by the same group on consecutive steps (one group; random order across cycles)."""
     a, b = tiny_llama(dtype=torch.bfloat16), tiny_llama(dtype=torch.bfloat16)
     kw = dict(optimizer="adamw", num_groups=num_groups, strategy="random", seed=3, lr=1e-2)
-    opt_a = train(a, 12, offload="none", **kw)
+    train(a, 12, offload="none", **kw)
     opt_b = HiFTOptimizer(b, offload="cpu", **kw)
     order = []
     for s in range(12):

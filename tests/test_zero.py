@@ -1,20 +1,19 @@
 """HiFT with ZeRO-1/2 on 2 and 4 gloo ranks (torchrun subprocesses running tests/_zero_worker.py)."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUCKET = 3000  # reduce_bucket_size of the stage-2 runs in _zero_worker.py
 
 
 def torchrun(world: int, out: str, ckpt: str, phase: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -117,9 +116,7 @@ def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(runs, world):
 def test_unsupported_zero_settings_are_clear_errors(zero, message, monkeypatch):
     import hift_ds
     from conftest import tiny_llama
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, os.environ.get(k, v))
     cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "hift": {}}
