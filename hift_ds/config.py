@@ -17,6 +17,7 @@ class OffloadConfig(BaseModel):
     device: Literal["cpu", "none"] = "none"
     pin_memory: bool = True
     prefetch: bool = True
+    slots: Literal[1, 2] = 2  # device buffers: 2 overlap a group's copy-out with the next one's copy-in
 
 
 class HiFTConfig(BaseModel):
@@ -54,7 +55,8 @@ class HiFTConfig(BaseModel):
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``HiFTOptimizer`` (everything but the optimizer's own)."""
         kw = dict(strategy=self.strategy, seed=self.seed, units=self.units, offload=self.offload.device,
-                  pin_memory=self.offload.pin_memory, prefetch=self.offload.prefetch, kernel=self.kernel)
+                  pin_memory=self.offload.pin_memory, prefetch=self.offload.prefetch,
+                  offload_slots=self.offload.slots, kernel=self.kernel)
         if self.num_groups is not None:
             kw["num_groups"] = self.num_groups
         else:

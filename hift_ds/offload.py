@@ -1,10 +1,12 @@
 """Home of every HiFT group's fp32 masters and optimizer state, with asynchronous prefetch.
 
 Each group owns one contiguous fp32 buffer per kind ("master", "exp_avg", ...), allocated once.
-With offload the buffers live in (pinned) host memory and the active group is copied into one
-device slot; the finished group's copy-out and then the next group's copy-in run on a side CUDA
-stream ordered by events, so both overlap the next forward/backward. Without CUDA the same code runs
-with plain synchronous copies, which is what CPU CI exercises.
+With offload the buffers live in (pinned) host memory and the active group is copied into a
+device *slot*. Two slots and two copy streams (one per direction) make a step's copies run
+concurrently: after group g's update its slot is copied home on the device-to-host stream while
+the next group is copied into the other slot on the host-to-device stream, and both overlap the
+next forward/backward. CUDA events order the streams; the compute stream only waits for the copy
+it needs. Without CUDA the same code runs with plain synchronous copies, which CPU CI exercises.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ class GroupStore:
     """Flat per-group buffers of masters and optimizer state, resident or offloaded."""
 
     def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: bool,
-                 offload: bool, device: torch.device, pin_memory: bool = True):
+                 offload: bool, device: torch.device, pin_memory: bool = True, slots: int = 2):
+        if slots not in (1, 2):
+            raise ValueError(f"offload slots must be 1 or 2, got {slots!r}")
         self.device = torch.device(device)
         self.offload = offload
         # The owner fills the masters (from its weights) once the buffers exist.
@@ -29,96 +33,116 @@ class GroupStore:
         self.pinned = offload and pin_memory and on_cuda and torch.cuda.is_available()
         home_device = torch.device("cpu") if offload else self.device
         self.home: list[dict[str, Tensor]] = []
-        for g, n in enumerate(self.numels):
+        for n in self.numels:
             self.home.append({k: self._alloc(n, home_device, fill) for k, fill in self.kinds.items()})
-        # One device slot suffices: the next group is prefetched right after the finished one's
-        # write-back is queued on the same copy stream, so the copy-in cannot overtake the
-        # copy-out, and both run during the next forward/backward. A second slot would only
-        # help if prefetch started before the active group's update, and would cost a group's
-        # worth of device memory.
-        self._slot: dict[str, Tensor] = {}
-        self._slot_group: int | None = None
-        self._ready: torch.cuda.Event | None = None
+        # Two slots let the copy-out of the group just updated and the copy-in of the next one run
+        # at once, on the two copy engines (one per direction). One slot serialises them (the copy-in
+        # must wait until the copy-out has read the slot) and saves one group's state of memory.
+        self.slots: list[dict[str, Tensor]] = []
         if offload and self.kinds:
             biggest = max(self.numels)
-            self._slot = {k: self._alloc(biggest, self.device, 0.0) for k in self.kinds}
-        self._stream = torch.cuda.Stream(self.device) if offload and on_cuda else None
+            self.slots = [{k: self._alloc(biggest, self.device, 0.0) for k in self.kinds} for _ in range(slots)]
+        self._slot_group: list[int | None] = [None] * len(self.slots)
+        self._last_use = [0] * len(self.slots)  # when each slot was last acquired (least recently used is refilled)
+        self._uses = 0
+        # Per slot: the copy-in that fills it, and the copy-out still reading it (None when nothing is pending).
+        self._filled: list[torch.cuda.Event | None] = [None] * len(self.slots)
+        self._emptied: list[torch.cuda.Event | None] = [None] * len(self.slots)
+        cuda_copies = offload and on_cuda
+        self._h2d = torch.cuda.Stream(self.device) if cuda_copies else None
+        self._d2h = torch.cuda.Stream(self.device) if cuda_copies else None
 
     def _alloc(self, n: int, device: torch.device, fill: float) -> Tensor:
         self.allocations += 1
         pin = self.pinned and device.type == "cpu"
         return torch.full((n,), fill, dtype=torch.float32, device=device, pin_memory=pin)
 
+    def slot_of(self, g: int) -> int | None:
+        """Index of the slot holding (or receiving) group ``g``, or None."""
+        return self._slot_group.index(g) if g in self._slot_group else None
+
     def prefetch(self, g: int) -> None:
-        """Start copying group ``g``'s buffers to the device (no-op when resident or not offloaded)."""
-        if not self.offload or not self.kinds or self._slot_group == g:
+        """Start copying group ``g``'s buffers to the device (no-op when resident or already in a slot)."""
+        if not self.offload or not self.kinds or g in self._slot_group:
             return
-        self._slot_group = g
+        s = min(range(len(self.slots)), key=lambda i: self._last_use[i])
+        self._slot_group[s] = g
+        self._last_use[s] = self._uses = self._uses + 1  # not refilled before it is acquired
         n = self.numels[g]
-        if self._stream is None:
-            for k, dst in self._slot.items():
+        if self._h2d is None:
+            for k, dst in self.slots[s].items():
                 dst[:n].copy_(self.home[g][k])
             return
-        with torch.cuda.stream(self._stream):
-            for k, dst in self._slot.items():
+        with torch.cuda.stream(self._h2d):
+            if self._emptied[s] is not None:  # the slot's previous group may still be on its way home
+                self._h2d.wait_event(self._emptied[s])
+                self._emptied[s] = None
+            for k, dst in self.slots[s].items():
                 dst[:n].copy_(self.home[g][k], non_blocking=True)
                 # If the store is freed with this copy queued, the allocator must not hand the
                 # slot to the compute stream before the copy has run.
-                dst.record_stream(self._stream)
-            self._ready = torch.cuda.Event()
-            self._ready.record(self._stream)
+                dst.record_stream(self._h2d)
+            self._filled[s] = torch.cuda.Event()
+            self._filled[s].record(self._h2d)
 
     def acquire(self, g: int) -> dict[str, Tensor]:
         """Group ``g``'s flat buffers on the device, ready for the compute stream to update."""
         if not self.offload or not self.kinds:
             return self.home[g]
         self.prefetch(g)
-        if self._ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ready)
-            self._ready = None
+        s = self.slot_of(g)
+        self._last_use[s] = self._uses = self._uses + 1
+        compute = torch.cuda.current_stream(self.device) if self._h2d is not None else None
+        for pending in (self._filled, self._emptied):
+            # The copy-in must have landed; and if the same group was just released (it follows
+            # itself: one group, or a random order repeating across a cycle boundary), its copy-out
+            # must have read the slot before this update overwrites it.
+            if pending[s] is not None:
+                compute.wait_event(pending[s])
+                pending[s] = None
         n = self.numels[g]
-        return {k: buf[:n] for k, buf in self._slot.items()}
+        return {k: buf[:n] for k, buf in self.slots[s].items()}
 
     def release(self, g: int) -> None:
         """Write group ``g``'s updated device buffers back home, asynchronously on CUDA."""
         if not self.offload or not self.kinds:
             return
-        if self._slot_group != g:
-            raise RuntimeError(f"GroupStore.release({g}) but the device slot holds group {self._slot_group}")
+        s = self.slot_of(g)
+        if s is None:
+            raise RuntimeError(f"GroupStore.release({g}) but no device slot holds group {g} "
+                               f"(slots hold {self._slot_group})")
         n = self.numels[g]
-        if self._stream is None:
-            for k, src in self._slot.items():
+        if self._d2h is None:
+            for k, src in self.slots[s].items():
                 self.home[g][k].copy_(src[:n])
             return
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        self._stream.wait_event(done)
-        with torch.cuda.stream(self._stream):
-            for k, src in self._slot.items():
+        updated = torch.cuda.Event()
+        updated.record(torch.cuda.current_stream(self.device))
+        self._d2h.wait_event(updated)  # the update on the compute stream must be done
+        with torch.cuda.stream(self._d2h):
+            for k, src in self.slots[s].items():
                 self.home[g][k].copy_(src[:n], non_blocking=True)
-                src.record_stream(self._stream)
-            # If the same group is acquired again next (one group, or a random order repeating
-            # across a cycle boundary) no prefetch is queued, and its update must not overwrite
-            # the slot while this copy-out still reads it.
-            self._ready = torch.cuda.Event()
-            self._ready.record(self._stream)
+                src.record_stream(self._d2h)
+            self._emptied[s] = torch.cuda.Event()
+            self._emptied[s].record(self._d2h)
 
     def synchronize(self) -> None:
         """Wait for every pending copy so the home buffers are current (before reading them)."""
-        if self._stream is not None:
-            self._stream.synchronize()
+        for stream in (self._h2d, self._d2h):
+            if stream is not None:
+                stream.synchronize()
 
     def invalidate(self) -> None:
         """Forget slot contents after the home buffers were overwritten (checkpoint load)."""
         self.synchronize()
-        self._slot_group = None
-        self._ready = None
+        n = len(self.slots)
+        self._slot_group, self._filled, self._emptied = [None] * n, [None] * n, [None] * n
 
     def bytes_by_location(self) -> dict[str, int]:
-        """Bytes of masters + state on the device (home if resident, else the slot) and on the host."""
+        """Bytes of masters + state on the device (home if resident, else the slots) and on the host."""
         def size(bufs: list[dict[str, Tensor]]) -> int:
             return sum(t.numel() * t.element_size() for b in bufs for t in b.values())
-        home, slots = size(self.home), size([self._slot])
+        home, slots = size(self.home), size(self.slots)
         if not self.offload:
             return {"device": home, "host_pinned": 0, "host_pageable": 0}
         return {"device": slots, "host_pinned": home if self.pinned else 0,

@@ -84,7 +84,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int = 1,
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
                  units: list[str] | None = None, offload: str = "none", pin_memory: bool = True,
-                 prefetch: bool = True, kernel: str = "auto", loss_scaler: DynamicLossScaler | None = None,
+                 prefetch: bool = True, offload_slots: int = 2, kernel: str = "auto",
+                 loss_scaler: DynamicLossScaler | None = None,
                  max_grad_norm: float = 0.0, zero_stage: int = 0, dp_group=None,
                  reduce_bucket_size: int = DEFAULT_BUCKET_NUMEL, overlap_comm: bool = True, **optimizer_kwargs):
         if not isinstance(model, nn.Module):
@@ -139,10 +140,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._layouts = [ShardLayout(n, world, self._comm.rank, buckets) for n in numels] if self._comm else []
             sizes = [lay.padded for lay in self._layouts] or numels
             self._weights = [self._flatten_weights(ps, n) for ps, n in zip(self._params, sizes)] if self._flat else []
+            if self._flat and self.device.type == "cuda":
+                # The per-parameter storages the flat buffers replaced stay reserved by the caching
+                # allocator, and no later allocation (a group-sized buffer, activations) fits their
+                # sizes well: without this the reserved memory holds the weights twice.
+                torch.cuda.empty_cache()
             self.store = GroupStore([lay.shard_numel for lay in self._layouts] or numels,
                                     kernels.state_kinds(self.name, hyper),
                                     masters=self.masters, offload=offload == "cpu", device=self.device,
-                                    pin_memory=pin_memory)
+                                    pin_memory=pin_memory, slots=offload_slots)
             self.sync_masters_from_model()
             self._inner = None
         else:
