@@ -14,7 +14,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["hift_ds", "hift_ds.kernels"],
+    packages=["hift_ds", "hift_ds.profile", "hift_ds.kernels"],
     package_dir={"hift_ds": "hift_ds", "hift_ds.kernels": "kernels"},
     install_requires=[
         # torch is pinned by the README install step on CPU machines; any recent torch works.

@@ -1,4 +1,4 @@
-"""Issue 9: full fine-tuning vs DeepSpeed ZeRO-2 (+offload) vs BAdam vs hift-ds, side by side.
+"""Full fine-tuning vs DeepSpeed ZeRO-2 (+offload) vs BAdam vs torchao's CPU offload vs hift-ds, side by side.
 
     python benchmarks/compare.py --model llama-1b                       # every mode, 4x512, 20 steps
     python benchmarks/compare.py --model llama-7b --modes fpft,hift-offload,hift-offload-triton
@@ -7,8 +7,11 @@
 Every mode runs in its own process on the same model (preset or HF name/path, same seed) and the
 same batches; one table (median step ms and its ratio to fpft, tokens/s, peak allocated/reserved
 GPU memory and their ratios, pinned host memory, the loss after the last step, note or error)
-and ``compare.json``. Modes are described in benchmarks/harness.py; one that cannot run here
-(no CUDA, package missing, out of memory) gets a row saying why and the others still run.
+and ``compare.json``. Modes are the set-ups of ``hift_ds.setups`` (described there); one that cannot
+run here (no CUDA, package missing, out of memory) gets a row saying why and the others still run.
+badam switches block every step (the same cadence as HiFT), badam-50 at its documented default of
+50 steps; both discard a block's optimizer state when they switch away from it. torchao-offload runs
+AdamW on the CPU in the weights' dtype (no fp32 masters). Timing: see benchmarks/harness.py.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import sys
 
 import harness
 
-DEFAULT_MODES = "fpft,ds-zero2,ds-zero2-offload,badam,hift,hift-offload,hift-offload-triton"
+DEFAULT_MODES = ("fpft,ds-zero2,ds-zero2-offload,badam,badam-50,torchao-offload,torchao-offload-grads,hift,"
+                 "hift-offload,hift-offload-triton")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = harness.make_parser(__doc__, __file__, json="compare.json")
     ap.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {', '.join(harness.MODES)}")
     args = ap.parse_args(argv)
-    if args._worker:
-        return harness.worker_main(args)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in harness.MODES]
     if unknown:

@@ -1,4 +1,4 @@
-"""Model presets shared by the profiler and the benchmarks: LLaMA shapes built from a config."""
+"""Model presets shared by the profiler and the benchmarks (LLaMA shapes built from a config), and model options."""
 from __future__ import annotations
 
 import torch
@@ -33,6 +33,22 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | tor
             torch.set_default_dtype(previous)
     model = transformers.AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype)
     return model.to(device)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward (Hugging Face gradient checkpointing); a clear error if unsupported."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; drop "
+                         "--gradient-checkpointing")
+    # Non-reentrant: the reentrant variant needs an input that requires grad at every checkpoint, and HiFT
+    # freezes everything below the active group (the embeddings too, most of the time).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache is incompatible with recomputation in training
 
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, step: int, device="cpu") -> torch.Tensor:

@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward instead of keeping them (less memory, one more forward per step)")
     p.add_argument("--profile", action="store_true", help="sample memory during training (hift_ds.profile); "
                    "writes profile.json and profile.png to --output-dir")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_recs, eval_recs = D.split(records, args.eval_fraction, args.seed)
     labels = D.label_set(train_recs) if task == D.CLASSIFICATION else []
     tok, model = load_model(model_path, task, len(labels))
+    if args.gradient_checkpointing:
+        from hift_ds.presets import enable_gradient_checkpointing
+        enable_gradient_checkpointing(model)
     D.check_max_length(args.max_length, tok, model.config)
     if task == D.CLASSIFICATION:
         train_ds = D.encode_classification(train_recs, tok, labels, args.max_length, data_path)

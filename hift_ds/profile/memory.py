@@ -1,4 +1,4 @@
-"""Memory profiler: ``MemoryProfiler`` (library) and ``python -m hift_ds.profile`` (CLI).
+"""``MemoryProfiler``: device, allocator, RSS and pinned host memory sampled during training, with phases.
 
 Library use::
 
@@ -13,44 +13,15 @@ A background thread samples, every ``interval_ms``: device used memory of this G
 driver's view, includes the CUDA context and other processes), ``torch.cuda.memory_allocated`` /
 ``memory_reserved`` (the caching allocator's view), process RSS (psutil) and pinned host memory.
 Without a GPU, or when pynvml fails, it samples what it can (host memory only without CUDA) and
-logs one line saying so. The CLI runs every mode in its own process (``hift_ds._profile_modes``).
-
-``profile.json`` (all memory figures in bytes, times in seconds; ``null`` where not measurable):
-
-- ``version``, ``date``, ``command``; ``config``: model, steps, batch_size, seq_len, group_size,
-  dtype, lr, seed, interval_ms.
-- ``gpu``: whether any mode saw a CUDA device; ``note``: the no-GPU / no-NVML message or null.
-- ``modes``: one object per requested mode, in order:
-  ``mode``; ``status`` ("ok", "failed", "skipped"); ``reason`` (why not ok, else null);
-  ``device`` (e.g. "NVIDIA H100 80GB HBM3" or "cpu"); ``gpu`` and ``note`` (as above, for this
-  mode's process); ``params`` (parameter count);
-  ``peak_device_used`` (pynvml); ``peak_allocated`` / ``peak_reserved`` (torch allocator, exact
-  peaks per phase via ``max_memory_allocated``); ``peak_rss``; ``pinned_host`` (peak) and
-  ``pinned_source``; ``breakdown``: ``basis`` ("peak_allocated" on a GPU, "peak_rss" on CPU),
-  ``total`` (= that peak), ``weights`` (bytes of the model's parameters on the device),
-  ``gradients`` (largest, over steps, of the .grad tensors after backward, or HiFT's
-  memory_report()["gradients"], plus DeepSpeed's gradient buckets), ``optimizer_state``
-  (largest, over steps, of the optimizer's state tensors on the device, or HiFT's
-  memory_report() state; on CPU every host-side part counts), ``activations_other`` = total -
-  the three, so the four add up to ``total`` by construction (on CPU it includes the Python and
-  torch runtime, several hundred MiB); ``step_time_median_s``,
-  ``step_times_s``, ``losses``; ``phases`` (per phase: ``time_s``, ``count`` and peaks);
-  ``timeline`` (lists ``t``, ``device_used``, ``allocated``, ``reserved``, ``rss``,
-  ``pinned_host``, ``phase``) and ``spans`` ([phase, start_s, end_s]). The profiled window is the
-  training steps; the model and optimizer are built before it starts.
+logs one line saying so. ``SavedTensorMeter`` measures the activations autograd keeps for backward.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
 import logging
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
@@ -59,7 +30,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 SERIES = ("device_used", "allocated", "reserved", "rss", "pinned_host")
-MODES = ("fpft", "hift", "hift-offload", "zero2-offload")
 PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:orange", "step": "tab:green"}
 
 
@@ -324,84 +294,33 @@ def plot_timelines(panels: list[dict], path: str | os.PathLike) -> None:
     fig.savefig(os.fspath(path), dpi=100)
 
 
-# ---- CLI -----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser (every option documented in --help)."""
-    p = argparse.ArgumentParser(
-        prog="python -m hift_ds.profile",
-        description="Short training runs of one model under several optimizer modes, each in its own process, "
-                    "reporting peak GPU memory split into weights / gradients / optimizer state / "
-                    "activations+other, pinned host memory, RSS and step time. Writes OUT/profile.json, "
-                    "OUT/profile.png (one memory timeline per mode) and OUT/<mode>.log (each worker's output).",
-        epilog="Modes: fpft = the usual mixed-precision full fine-tuning: fp32 weights, torch.autocast to "
-               "--dtype, torch AdamW over all parameters (fused on CUDA, fp32 state), as in benchmarks/; "
-               "hift = HiFTOptimizer, state on the device; hift-offload = HiFTOptimizer with offload='cpu' "
-               "(pinned host store); zero2-offload = DeepSpeed ZeRO-2 with offload_optimizer cpu "
-               "(DeepSpeedCPUAdam; needs CUDA, skipped without it). Without a GPU the figures are host "
-               "memory (RSS) and the output says so. A failing mode (out of memory, missing package) shows "
-               "why in its row and the other modes still run. Exit status 0 when at least one mode was "
-               "measured, 1 otherwise. Field reference: the hift_ds.profile module docstring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="tiny (LLaMA shape, hidden 64, 4 layers, vocab 1000), llama-1b (hidden 2048, 22 layers), "
-                        "llama-7b (LLaMA-2-7B shape), all randomly initialised from --seed; or a Hugging Face "
-                        "model name / local path loaded with AutoModelForCausalLM.from_pretrained")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes to run, from {', '.join(MODES)}")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per mode")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (random token ids, seeded)")
-    p.add_argument("--group-size", type=int, default=1, help="HiFT units per group (hift modes)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="model weight dtype")
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate of every mode")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation")
-    p.add_argument("--interval-ms", type=float, default=10.0, help="memory sampling interval")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a mode's process is killed")
-    p.add_argument("--out", default="profile", help="output directory")
-    return p
+class SavedTensorMeter:
+    """Bytes of the tensors autograd saves for backward (activations) inside ``with meter:``; parameters excluded.
 
+    Counted through ``torch.autograd.graph.saved_tensors_hooks``, once per storage, so a tensor saved by
+    several operations counts once. Parameters (and views of them) are weights, not activations.
+    """
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the requested modes, print the table, write profile.json and profile.png; returns the exit status."""
-    from hift_ds import _profile_modes as modes_mod
+    def __init__(self, model: torch.nn.Module):
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))  # each mode once
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        parser.error(f"unknown mode(s) {unknown or args.modes!r}; choose from {', '.join(MODES)}")
-    for name in ("steps", "batch_size", "seq_len", "group_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "seq_len", "group_size", "dtype", "lr",
-                                            "seed", "interval_ms")}
-    cuda = torch.cuda.is_available()
-    rows = []
-    for i, mode in enumerate(modes, 1):
-        print(f"[{i}/{len(modes)}] {mode} ...", flush=True)
-        if mode == "zero2-offload" and not cuda:
-            rows.append(modes_mod.empty_row(mode, "skipped", "needs CUDA (DeepSpeed ZeRO-2 offload trains on a GPU)"))
-            continue
-        rows.append(modes_mod.run_worker(dict(config, mode=mode), out, args.timeout))
-    note = next((r.get("note") for r in rows if r.get("note")), None)
-    if note is None and not cuda:
-        note = "no GPU (torch sees no CUDA device): profiling host memory only (RSS, pinned)"
-    if note:
-        print(note)
-    print(modes_mod.format_table(rows, gpu=any(r.get("gpu") for r in rows)))
-    doc = {"version": 1, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "command": ["python", "-m", "hift_ds.profile"] + list(argv if argv is not None else sys.argv[1:]),
-           "config": config, "gpu": any(r.get("gpu") for r in rows), "note": note, "modes": rows}
-    (out / "profile.json").write_text(json.dumps(doc, indent=1))
-    panels = [{"title": f"{r['mode']} ({r['device']})" if r["status"] == "ok" else r["mode"],
-               "timeline": r.get("timeline"), "spans": r.get("spans", []),
-               "message": f"{r['status']}: {r['reason']}"} for r in rows]
-    plot_timelines(panels, out / "profile.png")
-    print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
-    return 0 if any(r["status"] == "ok" for r in rows) else 1
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._seen and ptr not in self._params:
+            self._seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return t
 
+    def __enter__(self) -> "SavedTensorMeter":
+        self._seen.clear()
+        self.bytes = 0
+        self._hooks.__enter__()
+        return self
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def __exit__(self, *exc) -> bool:
+        self._hooks.__exit__(*exc)
+        return False
