@@ -163,9 +163,13 @@ def check(device: torch.device, n: int = 1_000_003) -> list[str]:
                                          inv_scale=1 / 64, model_params=split.get("model") if multi else None)
             for k, v in runs["triton"].items():
                 try:
-                    torch.testing.assert_close(v, runs["torch"][k], rtol=1e-5, atol=1e-6)
                     if k == "model":
+                        # Masters a few fp32 ulps apart can round to neighbouring bf16 values: one bf16 ulp
+                        # (2**-8 relative) apart at most; exactness is checked against this run's own masters.
+                        torch.testing.assert_close(v, runs["torch"][k], rtol=2 ** -8, atol=1e-6)
                         assert torch.equal(v, runs["triton"]["param"].to(model_dtype)), "model != master cast"
+                    else:
+                        torch.testing.assert_close(v, runs["torch"][k], rtol=1e-5, atol=1e-6)
                 except AssertionError as exc:
                     failures.append(f"{case} model={model_dtype} {k}: {str(exc).splitlines()[0]}")
     return failures

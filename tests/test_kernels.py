@@ -2,15 +2,17 @@
 interpreter) against the reference, overflow detection, backend dispatch and the benchmark script."""
 import os
 
-# Before any Triton kernel is decorated: the kernels then run on CPU tensors through the interpreter.
-os.environ["TRITON_INTERPRET"] = "1"
+import subprocess
+import sys
+from pathlib import Path
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Before any Triton kernel is decorated: the kernels then run on CPU tensors through the interpreter. Not on
+# a CUDA machine, where the process's kernels must compile for the GPU (tests/test_gpu.py runs them there).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from hift_ds import kernels  # noqa: E402
 from hift_ds.kernels import reference  # noqa: E402
@@ -20,6 +22,8 @@ try:
     TRITON_ERROR = None
 except Exception as exc:  # pragma: no cover - depends on the machine
     TRITON_ERROR = f"triton cannot be imported: {exc!r}"
+if TRITON_ERROR is None and os.environ.get("TRITON_INTERPRET") != "1":
+    TRITON_ERROR = "these tests run the kernels on CPU tensors through Triton's interpreter (CPU-only machines)"
 needs_triton = pytest.mark.skipif(TRITON_ERROR is not None, reason=TRITON_ERROR or "")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,13 +119,13 @@ GRAD_DTYPE = {None: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16
 MODEL_TOL = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-5)}
 
 
-def make_flat(name: str, hyper: dict, n: int, model_dtype, seed: int = 0):
+def make_flat(name: str, hyper: dict, n: int, model_dtype, seed: int = 0, device: str = "cpu"):
     """A group of three views over flat buffers, with its state, for the flat path."""
     g = torch.Generator().manual_seed(seed)
     sizes = [n // 2, 0, n - n // 2]
-    flat = {"param": torch.randn(n, generator=g)}
+    flat = {"param": torch.randn(n, generator=g).to(device)}
     for k, v in reference.state_kinds(name, hyper).items():
-        flat[k] = torch.full((n,), v)
+        flat[k] = torch.full((n,), v, device=device)
     if model_dtype is not None:
         flat["model"] = flat["param"].to(model_dtype)
     return flat, sizes
@@ -132,15 +136,16 @@ def split(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(t.split(sizes))
 
 
-def run_flat_steps(name: str, hyper: dict, n: int, model_dtype, *, inv_scale: float, nsteps: int = 3) -> None:
-    """Three Triton flat steps against the reference, checking masters, states and the cast."""
-    flat, sizes = make_flat(name, hyper, n, model_dtype)
+def run_flat_steps(name: str, hyper: dict, n: int, model_dtype, *, inv_scale: float, nsteps: int = 3,
+                   device: str = "cpu") -> None:
+    """Three Triton flat steps against the reference (on ``device``), checking masters, states and the cast."""
+    flat, sizes = make_flat(name, hyper, n, model_dtype, device=device)
     ref_p = flat["param"].clone()
     ref_state = {k: [v.clone()] for k, v in flat.items() if k not in ("param", "model")}
     gen = torch.Generator().manual_seed(42)
     gdtype = GRAD_DTYPE[model_dtype]
     for step in range(1, nsteps + 1):
-        grad = (torch.randn(n, generator=gen) / inv_scale).to(gdtype)
+        grad = (torch.randn(n, generator=gen) / inv_scale).to(device=device, dtype=gdtype)
         flat["grad"] = grad
         params, grads = split(flat["param"], sizes), split(grad, sizes)
         state = {k: split(v, sizes) for k, v in flat.items() if k not in ("param", "grad", "model")}

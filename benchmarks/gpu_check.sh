@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU check of one device session: the gpu-marked tests, then the offload benchmark (LLaMA 1.1B shape,
+# with a trace), the LLaMA-2-7B headline under a 24 GiB cap, the comparison with BAdam and torchao, and the
+# kernel benchmark, in about 8 minutes on one H100/H200. Writes at most 5 files to OUTDIR: gpu_check.log
+# (everything printed), offload.json, headline.json, compare.json, kernels.json.
+#
+#   here:        bash benchmarks/gpu_wheels.sh            # once: the wheels the GPU image lacks, into .whl/
+#   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
+#   rehearsal:   TINY=1 bash benchmarks/gpu_check.sh /tmp/gpu_check    # tiny sizes, on a CPU too
+#
+# Stages run in order of importance, each under its own time limit and the remaining BUDGET (seconds, 470 by
+# default), so a slow stage costs the later ones, not the whole call; a stage's failure does not stop the rest.
+set -uo pipefail
+out=${1:?usage: gpu_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+log="$out/gpu_check.log"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's op builder: not 9.0a
+budget=${BUDGET:-470}
+start=$SECONDS
+
+note() { echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s)" | tee -a "$log"; }
+stage() {  # stage NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, time left), output to the log
+  local name=$1 limit=$2 left=$((budget - (SECONDS - start)))
+  shift 2
+  if [ "$left" -lt 20 ]; then note "$name: skipped, ${left}s of the budget left"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  note "$name: start, limit ${limit}s: $*"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  note "$name: exit status $? (124 = out of time)"
+}
+
+note "set-up"
+if [ -d .whl ] && ! python3 -c "import pydantic, deepspeed" >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import hift_ds.kernels" >/dev/null 2>&1 || python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  git log -1 --format='commit %H %cd' 2>/dev/null; } >>"$log" 2>&1
+
+if [ "${TINY:-0}" = 1 ]; then
+  size=(--model tiny --batch-size 2 --seq-len 32)
+  steps=(--steps 2 --warmup 1 --sync-steps 1)
+  kernel_args=(--cpu-smoke)
+else
+  size=(--model llama-1b --batch-size 4 --seq-len 512)
+  steps=(--steps 10 --warmup 3 --sync-steps 3)
+  kernel_args=()
+fi
+
+stage "gpu tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+stage "offload 1.1B" 170 python3 benchmarks/offload.py "${size[@]}" "${steps[@]}" \
+  --modes fpft,hift,hift-triton,hift-offload,hift-offload-triton,hift-offload-triton-1slot \
+  --trace /tmp/hift-trace --trace-steps 3 --json "$out/offload.json"
+stage "headline 7B" 200 python3 benchmarks/offload.py --headline-only --headline-steps 4 --trace /tmp/hift-trace \
+  --trace-steps 2 --json "$out/headline.json"
+stage "compare" 150 python3 benchmarks/compare.py "${size[@]}" "${steps[@]}" \
+  --modes fpft,badam,badam-50,torchao-offload,torchao-offload-grads,hift-offload-triton --json "$out/compare.json"
+stage "kernels" 60 python3 benchmarks/kernels.py "${kernel_args[@]}" --json "$out/kernels.json"
+note "done"
