@@ -14,7 +14,8 @@ class OffloadConfig(BaseModel):
     """Where inactive groups' masters and optimizer state live."""
 
     model_config = ConfigDict(extra="forbid")
-    device: Literal["cpu", "none"] = "none"
+    # "auto": pinned host memory when the model is on CUDA (where it saves device memory), none on CPU.
+    device: Literal["auto", "cpu", "none"] = "auto"
     pin_memory: bool = True
     prefetch: bool = True
     slots: Literal[1, 2] = 2  # device buffers: 2 overlap a group's copy-out with the next one's copy-in

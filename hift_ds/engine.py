@@ -11,7 +11,6 @@ import argparse
 import copy
 import inspect
 import logging
-import math
 import os
 import socket
 from typing import Any
@@ -24,6 +23,7 @@ from hift_ds.config import load_ds_config, parse_hift_config
 from hift_ds.optimizer import HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import CycleLRScheduler
+from hift_ds.scheduler_config import scheduler_from_config
 from hift_ds.units import trainable_parameters
 from hift_ds.zero import DEFAULT_BUCKET_NUMEL
 
@@ -32,11 +32,10 @@ logger = logging.getLogger(__name__)
 # DeepSpeed optimizer "type" -> HiFT built-in; DeepSpeed's "Adam" is AdamW unless adam_w_mode is false.
 _DS_OPTIMIZERS = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd", "adagrad": "adagrad"}
 _DS_ONLY_PARAMS = ("torch_adam", "adam_w_mode", "fused")
-# DeepSpeed schedules that hold warmup_min_lr for iterations -1 and 0.
-_WARMUP_SCHEDULES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
-# Scheduler parameters counted in optimizer steps, which HiFT converts to cycles.
-_STEP_PARAMS = ("warmup_num_steps", "total_num_steps", "cycle_first_step_size", "cycle_second_step_size",
-                "decay_step_size", "lr_range_test_step_size")
+# Set by a launcher (deepspeed, torchrun, accelerate; mpirun or srun through MPI/PMI) or by a platform
+# whose environment DeepSpeed translates itself (AzureML, SageMaker).
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
+                 "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
 
 
 def _optimizer_from_config(block: dict | None) -> tuple[str, dict]:
@@ -66,54 +65,6 @@ def _optimizer_from_config(block: dict | None) -> tuple[str, dict]:
     return name, params
 
 
-def cycles_for_steps(params: dict, num_groups: int) -> dict:
-    """Scheduler parameters with step counts converted to HiFT cycles (k steps each)."""
-    out = dict(params)
-    for key in _STEP_PARAMS:
-        if out.get(key) is not None:
-            out[key] = max(1, math.ceil(out[key] / num_groups)) if out[key] > 0 else out[key]
-    warm, total = out.get("warmup_num_steps"), out.get("total_num_steps")
-    if isinstance(warm, int) and isinstance(total, int) and warm >= total:
-        # A run shorter than its warm-up in cycles: keep DeepSpeed's invariant warmup < total.
-        out["total_num_steps"] = warm + 1
-    return out
-
-
-def _scheduler_from_config(block: dict, optimizer: HiFTOptimizer):
-    from deepspeed.runtime import lr_schedules
-
-    kind = block.get("type")
-    cls = getattr(lr_schedules, str(kind), None)
-    if cls is None or kind not in lr_schedules.VALID_LR_SCHEDULES:
-        raise ValueError(f"scheduler type {kind!r} is not one of DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES}")
-    params = block.get("params") or {}
-    for key in _STEP_PARAMS:
-        value = params.get(key)
-        if value == "auto":
-            raise ValueError(f"scheduler.params.{key} is \"auto\", which only launch/train.py fills in (from the "
-                             "data size and epochs); set it to a number of optimizer steps")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"scheduler.params.{key} must be an integer number of optimizer steps, got {value!r}")
-    converted = cycles_for_steps(params, optimizer.num_groups)
-    # A config that places the schedule itself (last_batch_iteration) is left where it says.
-    warmup = kind in _WARMUP_SCHEDULES and params.get("last_batch_iteration", -1) == -1
-    if warmup and isinstance(converted.get("total_num_steps"), int):
-        # With the shift below the run's last cycle sits at iteration total - 1 (decay: above 0),
-        # or total - 2 for the cosine, whose progress reaches 1 (its floor) one iteration earlier.
-        converted["total_num_steps"] += 2 if kind == "WarmupCosineLR" else 1
-    changed = {k: f"{params[k]} -> {converted[k]}" for k in _STEP_PARAMS if k in params and params[k] != converted[k]}
-    if changed and int(os.environ.get("RANK", "0")) == 0:
-        logger.info("HiFT: LR schedule %s advances once per cycle of %d steps; step counts converted to cycles: %s",
-                    kind, optimizer.num_groups, changed)
-    scheduler = cls(optimizer, **converted)
-    if warmup:
-        # DeepSpeed's warm-up schedules give warmup_min_lr (often 0) to iterations -1 and 0: two
-        # steps of plain DeepSpeed, but two whole cycles, every group's first two updates, under
-        # HiFT. Cycle c trains at iteration c + 1 instead.
-        scheduler.step(1)
-    return scheduler
-
-
 def single_process_env() -> None:
     """Give a launcher-less process the environment DeepSpeed expects: one rank on a free local port."""
     # Without these DeepSpeed falls back to MPI discovery; values a launcher already set are kept.
@@ -123,6 +74,11 @@ def single_process_env() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def launcher_env_present() -> bool:
+    """Whether a launcher or a platform DeepSpeed knows has set up this process's distributed environment."""
+    return torch.distributed.is_initialized() or any(key in os.environ for key in _LAUNCHER_ENV)
 
 
 def _device() -> torch.device:
@@ -149,8 +105,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         raise ValueError("no DeepSpeed config: pass config=<dict or path> or --deepspeed <path>")
     ds_config = load_ds_config(config)
     if "hift" not in ds_config:
-        raise ValueError('the DeepSpeed config has no "hift" block; add "hift": {"group_size": 1} '
-                         "(or use deepspeed.initialize for plain full fine-tuning)")
+        raise ValueError('the DeepSpeed config has no "hift" block; add "hift": {"group_size": 1} (its default '
+                         'offload, "auto", keeps inactive groups\' state in pinned host memory when the model is on '
+                         'CUDA), or use deepspeed.initialize for plain full fine-tuning')
     if kwargs.get("optimizer") is not None:
         raise ValueError("hift_ds.initialize builds the optimizer from the config's \"optimizer\" block; "
                          "do not pass optimizer=")
@@ -203,6 +160,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
             raise ValueError("model_parameters= leaves out some of the model's trainable parameters, but HiFT trains "
                              "every one of them group by group; set requires_grad=False on those to keep frozen, "
                              "or drop model_parameters=")
+    if not launcher_env_present():
+        # A plain `python script.py` runs as one process, as it does with the HF Trainer; without
+        # this DeepSpeed would go looking for MPI (and fail on the missing mpi4py).
+        single_process_env()
+        logger.info("HiFT: no launcher environment (RANK, WORLD_SIZE, ...): running as a single process")
     model = model.to(device=_device(), dtype=dtype)
     name, opt_params = _optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
@@ -215,7 +177,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     if sched_block is not None and lr_scheduler is not None:
         raise ValueError("an LR scheduler is both in the config and passed as lr_scheduler=; keep one")
     if sched_block is not None:
-        lr_scheduler = CycleLRScheduler(_scheduler_from_config(sched_block, optimizer), optimizer)
+        lr_scheduler = CycleLRScheduler(scheduler_from_config(sched_block, optimizer), optimizer)
     elif lr_scheduler is not None:
         lr_scheduler = CycleLRScheduler(lr_scheduler(optimizer) if callable(lr_scheduler) and not hasattr(
             lr_scheduler, "step") else lr_scheduler, optimizer)

@@ -29,7 +29,16 @@ logger = logging.getLogger(__name__)
 
 _BUILTIN_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd",
                     torch.optim.Adagrad: "adagrad"}
-OFFLOAD_DEVICES = ("none", "cpu")
+OFFLOAD_DEVICES = ("auto", "none", "cpu")
+
+
+def resolve_offload(offload: str, device: torch.device, builtin: bool) -> str:
+    """The offload device ``"auto"`` stands for: "cpu" for a built-in optimizer on CUDA, else "none"."""
+    if offload != "auto":
+        return offload
+    # Offload saves device memory only where the model is on an accelerator; on a CPU it would
+    # just copy between two host buffers. Optimizers other than the built-ins cannot offload.
+    return "cpu" if torch.device(device).type == "cuda" and builtin else "none"
 
 
 def _resolve_optimizer(optimizer: str | type) -> tuple[str | None, type | None]:
@@ -83,7 +92,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int = 1,
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
-                 units: list[str] | None = None, offload: str = "none", pin_memory: bool = True,
+                 units: list[str] | None = None, offload: str = "auto", pin_memory: bool = True,
                  prefetch: bool = True, offload_slots: int = 2, kernel: str = "auto",
                  loss_scaler: DynamicLossScaler | None = None,
                  max_grad_norm: float = 0.0, zero_stage: int = 0, dp_group=None,
@@ -118,6 +127,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"trainable parameters must share one float dtype, found {sorted(map(str, dtypes))}")
         self.model_dtype = dtypes.pop()
+        requested, offload = offload, resolve_offload(offload, self.device, builtin=self.name is not None)
+        self.offload = offload
         self.masters = self.model_dtype != torch.float32
         self.schedule = GroupSchedule(len(self._params), strategy, seed)
         self.scaler = loss_scaler
@@ -199,9 +210,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 p.requires_grad_(False)
                 p.grad = None
         self._activate(self.schedule.active)
+        chosen = f"{offload} (auto: model on {self.device.type})" if requested == "auto" else offload
+        if self.store is not None and self.store.pinned:
+            chosen += ", pinned"
         logger.info("HiFT: %d units in %d groups (%s), optimizer %s, backend %s, offload %s",
                     len(unit_list), self.num_groups, strategy, self.name or self._inner_cls.__name__,
-                    self.backend, offload)
+                    self.backend, chosen)
 
     # ---- read-only views -------------------------------------------------------------------
     @property

@@ -35,7 +35,9 @@ CONFIG_ERRORS = {
     "group_size_and_num_groups": (_cfg(hift={"group_size": 2, "num_groups": 2}), ValueError,
                                   r"set either group_size \(2\) or num_groups \(2\), not both"),
     "hift_not_object": (_cfg(hift=[1]), TypeError, r'"hift" config block must be a JSON object, got list'),
-    "missing_hift": ({"train_micro_batch_size_per_gpu": 2}, ValueError, r'no "hift" block; add "hift"'),
+    "missing_hift": ({"train_micro_batch_size_per_gpu": 2}, ValueError,
+                     r'no "hift" block; add "hift": \{"group_size": 1\} \(its default offload, "auto", keeps inactive '
+                     r"groups' state in pinned host memory when the model is on CUDA\)"),
     "unknown_optimizer": (_cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3}}), ValueError,
                           r"optimizer type 'Lamb' is not supported with HiFT; use one of Adam, AdamW, SGD, Adagrad"),
     "unknown_optimizer_option": (_cfg(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "momentum": 0.9}}),
@@ -149,3 +151,25 @@ def test_call_errors():
         hift_ds.initialize(model=W.tiny_llama(),
                            config=_cfg(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 8}}),
                            lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1))
+
+
+def test_hift_block_offloads_by_default_where_it_saves_memory(caplog):
+    assert hift_ds.HiFTConfig().offload.device == "auto"
+    assert hift_ds.HiFTConfig(offload={"device": "cpu"}).optimizer_kwargs()["offload"] == "cpu"
+    with caplog.at_level("INFO", logger="hift_ds.optimizer"):
+        _, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(), config=_cfg(hift={"group_size": 1}))
+    assert opt.offload == ("cpu" if opt.device.type == "cuda" else "none")
+    assert f"offload {opt.offload} (auto: model on {opt.device.type})" in caplog.text
+
+
+@pytest.mark.parametrize("var", ["RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                 "SM_TRAINING_ENV"])
+def test_launcher_environment_is_recognised(var, monkeypatch):
+    from hift_ds.engine import _LAUNCHER_ENV, launcher_env_present
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    for key in _LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert not launcher_env_present()  # a plain `python script.py`: hift_ds.initialize sets up one rank
+    monkeypatch.setenv(var, "1")
+    assert launcher_env_present()

@@ -311,3 +311,29 @@ def test_hyper_parameters_accept_what_torch_accepts():
     hyper = opt.param_groups[0]
     assert hyper["lr"] == pytest.approx(1e-3) and type(hyper["lr"]) is float
     assert hyper["betas"] == (0.9, 0.99) and hyper["weight_decay"] == 0.0 and type(hyper["eps"]) is float
+
+
+def test_offload_auto_offloads_on_cuda_only(caplog):
+    from hift_ds.optimizer import resolve_offload
+
+    assert resolve_offload("auto", torch.device("cuda", 0), builtin=True) == "cpu"
+    assert resolve_offload("auto", torch.device("cpu"), builtin=True) == "none"
+    assert resolve_offload("auto", torch.device("cuda", 0), builtin=False) == "none"  # torch classes cannot offload
+    assert resolve_offload("cpu", torch.device("cpu"), builtin=True) == "cpu"  # an explicit choice stands
+    assert resolve_offload("none", torch.device("cuda", 0), builtin=True) == "none"
+    with caplog.at_level("INFO", logger="hift_ds.optimizer"):
+        opt = HiFTOptimizer(tiny_llama(), "adamw")  # the default is "auto"
+    assert opt.offload == "none" and not opt.store.offload
+    assert "offload none (auto: model on cpu)" in caplog.text
+    assert HiFTOptimizer(tiny_llama(), "adamw", offload="cpu").store.offload
+    assert HiFTOptimizer(tiny_llama(), torch.optim.RMSprop).offload == "none"  # "auto" does not reject it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offload 'auto' offloads only there")
+def test_offload_auto_on_cuda_keeps_inactive_groups_in_pinned_host_memory(caplog):
+    with caplog.at_level("INFO", logger="hift_ds.optimizer"):
+        opt = HiFTOptimizer(tiny_llama(dtype=torch.bfloat16).cuda(), "adamw")
+    assert opt.offload == "cpu" and opt.store.offload and opt.store.pinned
+    assert opt.store.home[0][next(iter(opt.store.kinds))].is_pinned()
+    assert "offload cpu (auto: model on cuda), pinned" in caplog.text
