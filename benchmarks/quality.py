@@ -19,16 +19,34 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# launch/train.py options this script sets itself for each run (from its own --deepspeed, --lr/--hift-lr, --seeds).
+SET_PER_RUN = ("--mode", "--strategy", "--seed", "--output-dir", "--deepspeed", "--lr", "--no-progress")
 RUNS = [("fpft", "fpft", None), ("hift bottom2up", "hift", "bottom2up"), ("hift top2down", "hift", "top2down"),
         ("hift random", "hift", "random")]
 
 
+def passed_through() -> list[str]:
+    """The launch/train.py options that go to every run unchanged: all but those set per run."""
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train
+
+    return [max(a.option_strings, key=len) for a in train.build_parser()._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+            and max(a.option_strings, key=len) not in SET_PER_RUN]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line options; unknown ones are passed to launch/train.py unchanged."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    """Command-line options; launch/train.py's own options are passed to every run unchanged."""
+    epilog = (f"Options of launch/train.py passed on to every run unchanged: {', '.join(passed_through())} (see "
+              f"python launch/train.py --help). Set per run by this script: {', '.join(SET_PER_RUN)}.")
+    # Wrapped here, not by argparse, which would split option names at their hyphens.
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=textwrap.fill(epilog, width=100, break_on_hyphens=False))
     p.add_argument("--out", default="runs/quality", help="one sub-directory per run, plus quality.json")
     p.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "hift_fp32.json"),
                    help="config for every run (its hift block is dropped for fpft)")
@@ -115,6 +133,11 @@ def main(argv=None) -> list[dict]:
     args, extra = parse_args(argv)
     if "--seed" in extra or any(a.startswith("--seed=") for a in extra):
         raise SystemExit("quality.py: use --seeds (a comma-separated list), not --seed")
+    allowed = passed_through()
+    unknown = [a for a in extra if a.startswith("--") and a.split("=")[0] not in allowed]
+    if unknown:
+        raise SystemExit(f"quality.py: {', '.join(unknown)} is neither an option of quality.py nor one of "
+                         f"launch/train.py's that it passes on ({', '.join(allowed)})")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:

@@ -34,11 +34,21 @@ def _at_least(kind: type, low: int, strict: bool = False):
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless it is None, a flag's False, or already in the help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0 or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (also read by benchmarks/quality.py, which passes options on)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "hift.json"),
-                   help="DeepSpeed JSON config (with a \"hift\" block for --mode hift)")
+                   help="DeepSpeed JSON config (with a \"hift\" block for --mode hift) (default: this checkout's "
+                   "ds_configs/hift.json)")
     p.add_argument("--model", default=None, help="HF model name or local directory (default: embedded MiniLM)")
     p.add_argument("--data", default=None, help="training JSONL: text/label or instruction/input/output records "
                    "(default: embedded dataset)")
@@ -56,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="units per HiFT group (overrides the config)")
     p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default=None,
                    help="HiFT group order (overrides the config)")
-    p.add_argument("--output-dir", default="runs/hift", help="checkpoints, logs and the final model go here")
+    p.add_argument("--output-dir", default=None, help="the log, metrics, final model and any checkpoints go here "
+                   "(default: runs/<mode>)")
     p.add_argument("--save-every", type=_at_least(int, 0), default=0,
-                   help="checkpoint every N optimizer steps (0: only at the end)")
+                   help="write a DeepSpeed checkpoint (for --resume) every N optimizer steps and at the end of the "
+                   "run; 0: no checkpoints (the final model is saved either way)")
     p.add_argument("--log-every", type=_at_least(int, 0), default=10, help="log every N optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
@@ -68,7 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="sample memory during training (hift_ds.profile); "
                    "writes profile.json and profile.png to --output-dir")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options, with the per-mode default output directory filled in."""
+    args = build_parser().parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", args.mode)  # an fpft run must not overwrite a HiFT one
+    return args
 
 
 def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
@@ -92,8 +112,7 @@ def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
     for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
         if type(value) is not int or value < 1:
             raise ValueError(f"{args.deepspeed}: {key} must be an integer >= 1, got {value!r}")
-    steps_per_epoch = max(1, math.ceil(train_size / (micro * world)) // gas)
-    total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    total = args.max_steps or max(1, math.floor(args.epochs * batches_per_epoch(train_size, micro, world) / gas))
     if args.lr is not None:
         cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = args.lr
     sched = cfg.get("scheduler", {}).get("params", {})
@@ -117,6 +136,12 @@ def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
             opt.setdefault("params", {})["torch_adam"] = True  # plain torch AdamW: the same maths as HiFT's
     cfg["_total_steps"] = total
     return cfg
+
+
+def batches_per_epoch(train_size: int, micro: int, world: int) -> int:
+    """Micro-batches one rank's loader yields per epoch: the sampler's share, the last partial batch dropped."""
+    # DistributedSampler gives every rank ceil(train_size / world) examples (padding by repetition).
+    return math.ceil(train_size / world) // micro
 
 
 def load_model(path: str, task: str, num_labels: int):
@@ -287,8 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     eval_loader = DataLoader(eval_ds, batch_size=micro)
-    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")  # created by the first checkpoint, if any
+    os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     step, before = 0, None
@@ -310,9 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
         kept = [l for l in open(log_path) if json.loads(l)["step"] <= step]
         atomic_write_text(log_path, "".join(kept))
 
-    batches_per_epoch = len(loader)
-    if batches_per_epoch < gas:
-        raise ValueError(f"{len(train_ds)} training examples make {batches_per_epoch} micro-batches per epoch, fewer "
+    epoch_batches = len(loader)
+    if epoch_batches < gas:
+        raise ValueError(f"{len(train_ds)} training examples make {epoch_batches} micro-batches per epoch, fewer "
                          f"than gradient_accumulation_steps={gas}; lower --batch-size or add data")
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or rank != 0, dynamic_ncols=True,
                desc=args.mode)
@@ -324,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine.train()
     tokens, t0, micro_done = 0, time.time(), step * gas
     while step < total_steps:
-        epoch, skip = divmod(micro_done, batches_per_epoch)
+        epoch, skip = divmod(micro_done, epoch_batches)
         sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):
             if i < skip:
@@ -354,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             bar.update(1)
             if args.log_every and step % args.log_every == 0 and rank == 0:
                 log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
-            if (args.save_every and step % args.save_every == 0) or step == total_steps:
+            if args.save_every and (step % args.save_every == 0 or step == total_steps):
                 save_checkpoint(engine, ckpt_dir, step, {"step": step, "before": before, **rng_state()})
             if step >= total_steps:
                 break
@@ -380,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
         for k, b, a in rows:
             print(f"{k:<12}{b:>10.4f}{a:>10.4f}")
-        print(f"final model: {final}")
+        dtype = str(next(engine.module.parameters()).dtype).replace("torch.", "")
+        print(f"final model ({dtype}): {final}")
     return {"before": before, "after": after}
 
 

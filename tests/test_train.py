@@ -58,7 +58,8 @@ def test_every_config_runs_two_steps(path, monkeypatch):
     assert engine.global_steps == 2 and all(torch.isfinite(l) for l in losses)
     if mode == "hift":
         assert isinstance(optimizer, hift_ds.HiFTOptimizer) and optimizer.schedule.steps_done == 2
-        assert optimizer.store.offload == (cfg["hift"]["offload"]["device"] == "cpu")
+        offload = hift_ds.optimizer.resolve_offload(cfg["hift"]["offload"]["device"], optimizer.device, builtin=True)
+        assert optimizer.store.offload == (offload == "cpu")
         # the update ran: the trained groups' state (moments / momentum / sums) left its initial value
         for g in optimizer.schedule.order(0)[:2]:
             for kind, init_value in hift_ds.kernels.state_kinds(optimizer.name, optimizer.defaults).items():
@@ -263,3 +264,47 @@ def test_instruction_records_whose_prompt_fills_max_length_are_dropped(assets, c
     assert len(warnings) == 1 and "dropped 2 of 3" in warnings[0] and "--max-length" in warnings[0]
     with pytest.raises(ValueError, match="instr.jsonl: every record's prompt .* raise --max-length"):
         D.encode_instruction([long], tok, 16, "instr.jsonl")
+
+
+def test_help_shows_each_default_once():
+    help_text = train.build_parser().format_help()
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    for option in help_text.split("\n  -")[1:]:
+        assert option.count("(default:") <= 1, option
+    assert "(default: embedded MiniLM)" in " ".join(help_text.split()) and "(default: 128)" in help_text
+
+
+@pytest.mark.parametrize("examples, micro, world, gas", [(2002, 8, 1, 1), (176, 8, 1, 1), (181, 8, 1, 1),
+                                                         (181, 8, 2, 1), (181, 4, 3, 2), (100, 3, 1, 4)])
+def test_total_steps_are_what_the_loader_yields(examples, micro, world, gas, tmp_path):
+    """An epoch is the optimizer steps the drop_last loader makes on each rank, not one more."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(range(examples), num_replicas=world, rank=world - 1, shuffle=True)
+    batches = len(DataLoader(range(examples), batch_size=micro, sampler=sampler, drop_last=True))
+    assert train.batches_per_epoch(examples, micro, world) == batches
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "hift_fp32.json")))
+    cfg["gradient_accumulation_steps"] = gas
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = train.parse_args(["--deepspeed", str(tmp_path / "cfg.json"), "--batch-size", str(micro), "--epochs", "2"])
+    cfg = train.build_config(args, examples, world)
+    # Accumulation runs on across the epoch boundary, so two epochs make 2 * batches // gas steps.
+    assert cfg["_total_steps"] == cfg["scheduler"]["params"]["total_num_steps"] == 2 * batches // gas
+
+
+def test_a_run_writes_its_mode_directory_and_no_checkpoint_unless_asked(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", assets["model"], "--data", assets["data"], "--epochs", "1", *FAST]
+    res = train.main(common)  # 180 training examples in batches of 8: 22 steps, not 23
+    out = tmp_path / "runs" / "hift"
+    assert sorted(os.listdir(tmp_path / "runs")) == ["hift"]
+    assert sorted(os.listdir(out)) == ["final", "metrics.json", "train_log.jsonl"]  # no checkpoints/
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 22 == json.loads(
+        (out / "metrics.json").read_text())["steps"]
+    assert f"final model (float32): {os.path.join('runs', 'hift', 'final')}" in capsys.readouterr().out
+    assert res["after"]
+    train.main([*common, "--mode", "fpft", "--max-steps", "2"])
+    assert sorted(os.listdir(tmp_path / "runs")) == ["fpft", "hift"]
+    train.main([*common, "--max-steps", "5", "--save-every", "2", "--output-dir", "saved"])
+    assert sorted(os.listdir(tmp_path / "saved" / "checkpoints")) == ["latest", "step2", "step4", "step5"]
+    assert (tmp_path / "saved" / "checkpoints" / "latest").read_text() == "step5"  # the end of the run, too
