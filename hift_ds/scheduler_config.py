@@ -79,9 +79,11 @@ def scheduler_from_config(block: dict, optimizer: Any):
         logger.info("HiFT: the %s schedule moves once per cycle of %d optimizer steps (one per group), so its step "
                     "counts are converted to cycles: %s", kind, k, "; ".join(f"{key}: {text}" for key, text in
                                                                               how.items()))
-    scheduler = cls(optimizer, **converted)
     # A config that places the schedule itself (last_batch_iteration) is left where it says.
-    if kind in WARMUP_SCHEDULES and params.get("last_batch_iteration", -1) == -1:
+    shift = kind in WARMUP_SCHEDULES and params.get("last_batch_iteration", -1) == -1
+    # Built at iteration -1, DeepSpeed would set (and warn about) an LR no cycle trains at.
+    scheduler = cls(optimizer, **converted, **({"last_batch_iteration": 0} if shift else {}))
+    if shift:
         # DeepSpeed's warm-up schedules give warmup_min_lr (often 0) to iterations -1 and 0: two
         # steps of plain DeepSpeed, but two whole cycles, every group's first two updates, under
         # HiFT. Cycle c trains at iteration c + 1 instead.

@@ -82,3 +82,19 @@ def test_runs_long_enough_are_not_warned(caplog):
                          ("WarmupCosineLR", {"warmup_num_steps": 8, "total_num_steps": 400})]:
         _, info, warnings = _build(caplog, kind, 8, **params)
         assert info and not warnings, (kind, params, warnings)
+
+
+def test_a_shifted_warmup_schedule_is_built_without_deepspeeds_not_started_warning(caplog):
+    from deepspeed.utils import logger as ds_logger
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    ds_logger.addHandler(handler)
+    try:
+        scheduler, _, _ = _build(caplog, "WarmupDecayLR", 4, warmup_num_steps=8, total_num_steps=40,
+                                 warmup_max_lr=1e-3, warmup_type="linear")
+    finally:
+        ds_logger.removeHandler(handler)
+    assert not [r for r in records if "before it has started" in r.getMessage()]
+    assert scheduler.last_batch_iteration == 1 and scheduler.get_last_lr() == pytest.approx([5e-4])
