@@ -42,7 +42,8 @@ def _python_block(after: str) -> str:
     return README.split(after)[1].split("```python\n")[1].split("```")[0]
 
 
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by launchers
+# Set by launchers; a user's plain `python script.py` has none of them.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # What a user has before pasting a snippet: a model and a loader of their own. The snippet runs in a
 # namespace holding only those, so it must import whatever else it uses (torch, hift_ds) itself.
 _USER_SCRIPT = """
