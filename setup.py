@@ -33,8 +33,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # benchmarks/compare.py's badam mode (pure Python, no dependencies of its own: it uses the torch above)
-        "bench": ["badam"],
+        # the badam / badam-50 set-ups (pure Python, no dependencies of its own: it uses the torch above) and
+        # the torchao-offload ones (CUDA only; no runtime dependencies either)
+        "bench": ["badam", "torchao"],
     },
     entry_points={"console_scripts": ["hift-profile=hift_ds.profile:main"]},
 )

@@ -107,9 +107,10 @@ def test_architecture_doc_stands_on_its_own():
     assert not missing, f"named in docs/architecture.md but in neither the repo nor DeepSpeed: {missing}"
 
 
-def test_bench_extra_provides_badam():
+@pytest.mark.parametrize("package", ["badam", "torchao"])
+def test_bench_extra_provides_the_benchmark_packages(package):
     from importlib.metadata import requires
-    assert any(r.replace(" ", "").startswith("badam;") and 'extra=="bench"' in r.replace(" ", "")
+    assert any(r.replace(" ", "").startswith(f"{package};") and 'extra=="bench"' in r.replace(" ", "")
                for r in requires("hift-ds") or []), "reinstall: pip install -e '.[test]'"
 
 
