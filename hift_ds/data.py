@@ -40,7 +40,7 @@ def detect_task(records: list[dict], path: str = "data") -> str:
     first = records[0]
     if "text" in first and "label" in first:
         task, keys = CLASSIFICATION, ("text", "label")
-    elif "instruction" in first and "output" in first:
+    elif "instruction" in first:  # a first record without "output" is reported below, by number
         task, keys = INSTRUCTION, ("instruction", "output")
     else:
         raise ValueError(f"{path}: cannot tell the task from keys {sorted(first)}; use text/label records "
@@ -49,6 +49,13 @@ def detect_task(records: list[dict], path: str = "data") -> str:
         missing = [k for k in keys if k not in rec]
         if missing:
             raise ValueError(f"{path}: record {i} lacks {missing} (every record needs {list(keys)})")
+        if task == INSTRUCTION:
+            # str() of a null or a list would train on the text "None" or "['a']" without a word.
+            bad = [k for k in ("instruction", "input", "output") if k in rec and not isinstance(rec[k], str)]
+            if bad or not rec["output"].strip():
+                what = f"{bad[0]!r} is {type(rec[bad[0]]).__name__}, not a string" if bad else "'output' is empty"
+                raise ValueError(f"{path}: record {i}: {what}; instruction, input and output must be text "
+                                 "(input may be left out)")
     return task
 
 
@@ -109,22 +116,52 @@ def encode_classification(records: list[dict], tokenizer, labels: list, max_leng
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor([index[r["label"]] for r in records]))
 
 
-def encode_instruction(records: list[dict], tokenizer, max_length: int, path: str = "data") -> Encoded:
-    """Tokenize instruction records (dropping any whose prompt fills max_length); prompt and padding get label -100."""
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+def uses_chat_template(tokenizer, prompt_format: str = "auto") -> bool:
+    """Whether prompts go through the tokenizer's chat template ("auto": when it has one)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {prompt_format!r} is not one of {PROMPT_FORMATS}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "chat" and not has:
+        raise ValueError("--prompt-format chat: the tokenizer has no chat template; use --prompt-format plain")
+    return has if prompt_format == "auto" else prompt_format == "chat"
+
+
+def prompt_ids(record: dict, tokenizer, chat: bool) -> list[int]:
+    """Token ids of a record's prompt: a user turn plus the assistant header (chat), or the plain text + blank line."""
+    text = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    if chat:
+        # The template holds every special token itself (BOS, role markers): none added on top.
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + "\n\n", add_special_tokens=True)["input_ids"]
+
+
+def encode_instruction(records: list[dict], tokenizer, max_length: int, path: str = "data",
+                       prompt_format: str = "auto") -> Encoded:
+    """Tokenize instruction records (dropping any whose prompt fills max_length); prompt and padding get label -100.
+
+    Prompts use the tokenizer's chat template when it has one (``prompt_format="auto"``), so an
+    instruction-tuned model is trained in the format it was tuned and is prompted in.
+    """
+    chat = uses_chat_template(tokenizer, prompt_format)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, masks, labels = [], [], []
-    dropped = 0
+    dropped = truncated = 0
     for r in records:
-        prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "") + "\n\n"
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        p = prompt_ids(r, tokenizer, chat)
         if len(p) >= max_length:
             # Truncation would leave no output token: every label -100, nothing to learn (and a
             # batch of only such records has a NaN loss).
             dropped += 1
             continue
-        o = tokenizer(str(r["output"]), add_special_tokens=False)["input_ids"]
+        o = tokenizer(r["output"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             o = o + [tokenizer.eos_token_id]
+        truncated += len(p) + len(o) > max_length
         seq = (p + o)[:max_length]
         lab = ([-100] * len(p) + o)[:max_length]
         n = len(seq)
@@ -137,4 +174,8 @@ def encode_instruction(records: list[dict], tokenizer, max_length: int, path: st
     if dropped:
         log.warning("%s: dropped %d of %d records whose prompt is %d tokens or longer (no output token fits); "
                     "raise --max-length to keep them", path, dropped, len(records), max_length)
+    if truncated:
+        log.warning("%s: truncated the output of %d of %d records to fit %d tokens (their end-of-sequence "
+                    "token is cut off too); raise --max-length to keep them whole", path, truncated,
+                    len(records), max_length)
     return Encoded(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))

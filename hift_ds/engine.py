@@ -21,7 +21,7 @@ from torch import nn
 from hift_ds import kernels
 from hift_ds.config import load_ds_config, parse_hift_config
 from hift_ds.optimizer import HiFTOptimizer
-from hift_ds.precision import DynamicLossScaler
+from hift_ds.precision import DynamicLossScaler, cast_parameters
 from hift_ds.schedule import CycleLRScheduler
 from hift_ds.scheduler_config import scheduler_from_config
 from hift_ds.units import trainable_parameters
@@ -38,7 +38,8 @@ _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PM
                  "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
 
 
-def _optimizer_from_config(block: dict | None) -> tuple[str, dict]:
+def optimizer_from_config(block: dict | None) -> tuple[str, dict]:
+    """(HiFT built-in name, its keyword arguments) from a DeepSpeed "optimizer" block, with DeepSpeed's defaults."""
     if not block:
         logger.info("no \"optimizer\" block in the DeepSpeed config: using AdamW with its defaults")
         return "adamw", {}
@@ -165,8 +166,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         # this DeepSpeed would go looking for MPI (and fail on the missing mpi4py).
         single_process_env()
         logger.info("HiFT: no launcher environment (RANK, WORLD_SIZE, ...): running as a single process")
-    model = model.to(device=_device(), dtype=dtype)
-    name, opt_params = _optimizer_from_config(ds_config.pop("optimizer", None))
+    model = cast_parameters(model.to(_device()), dtype)
+    name, opt_params = optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
     buckets = {"reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
                "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}

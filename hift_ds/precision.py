@@ -1,5 +1,8 @@
-"""Dynamic loss scaling for fp16 HiFT training (the optimizer owns mixed precision)."""
+"""Mixed precision for HiFT: dynamic loss scaling for fp16 (the optimizer owns it) and the model's cast."""
 from __future__ import annotations
+
+import torch
+from torch import nn
 
 
 class DynamicLossScaler:
@@ -76,3 +79,16 @@ class DynamicLossScaler:
         self._iter = state["iter"]
         self._last_overflow = state["last_overflow"]
         self._hysteresis_left = state["hysteresis_left"]
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the model's floating-point parameters to ``dtype``, leaving its buffers as they are.
+
+    DeepSpeed (0.19) casts parameters only, so fp32 buffers such as the rotary ``inv_freq`` keep
+    their precision; ``model.to(dtype)`` would round them to bf16 and shift every position's
+    rotation (+0.01 nats of held-out loss on SmolLM2-135M). Every mode casts the same way.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model

@@ -23,6 +23,12 @@ STEP_PARAMS = ("warmup_num_steps", "total_num_steps", "cycle_first_step_size", "
 _PEAK_TOLERANCE = 0.01
 
 
+def warmup_held_at_start(block: dict | None) -> bool:
+    """Whether a DeepSpeed "scheduler" block is a warm-up schedule left to hold warmup_min_lr for iterations -1 and 0."""
+    block = block or {}
+    return block.get("type") in WARMUP_SCHEDULES and (block.get("params") or {}).get("last_batch_iteration", -1) == -1
+
+
 def _cycles(n: int) -> str:
     return f"{n} cycle{'s' if n != 1 else ''}"
 

@@ -3,7 +3,9 @@
 
 Run as ``deepspeed launch/train.py --deepspeed ds_configs/hift.json --model M --data D`` or as
 ``python launch/train.py ...`` (one process; the distributed environment is set up here).
-With no --model/--data it fine-tunes the embedded default (see README).
+With no --model/--data it fine-tunes an embedded job (see README): ``--task classification``
+(MiniLM on BBC News, the default) or ``--task instruction`` (SmolLM2-135M-Instruct on the
+chatterbot corpus).
 """
 from __future__ import annotations
 
@@ -49,23 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "hift.json"),
                    help="DeepSpeed JSON config (with a \"hift\" block for --mode hift) (default: this checkout's "
                    "ds_configs/hift.json)")
-    p.add_argument("--model", default=None, help="HF model name or local directory (default: embedded MiniLM)")
+    p.add_argument("--task", choices=["classification", "instruction"], default=None,
+                   help="embedded job used for a missing --model/--data (default: classification)")
+    p.add_argument("--model", default=None, help="HF model name or local directory (default: the --task job's)")
     p.add_argument("--data", default=None, help="training JSONL: text/label or instruction/input/output records "
-                   "(default: embedded dataset)")
+                   "(default: the --task job's)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
-    p.add_argument("--mode", choices=["hift", "fpft"], default="hift", help="HiFT, or plain DeepSpeed full fine-tuning")
+    p.add_argument("--mode", choices=["hift", "fpft", "badam"], default="hift",
+                   help="HiFT, plain DeepSpeed full fine-tuning, or BAdam (the badam package) as a baseline")
     p.add_argument("--epochs", type=_at_least(float, 0, strict=True), default=1.0, help="passes over the training data")
     p.add_argument("--max-steps", type=_at_least(int, 0), default=0,
                    help="stop after this many optimizer steps (0: epochs decide)")
-    p.add_argument("--max-length", type=_at_least(int, 1), default=128, help="tokens per example (truncate/pad)")
+    p.add_argument("--max-length", type=_at_least(int, 1), default=None,
+                   help="tokens per example, truncated/padded; the embedded instruction job uses 64 (default: 128)")
     p.add_argument("--batch-size", type=_at_least(int, 1), default=None,
                    help="micro-batch per rank (overrides the config)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the config)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the config; default for "
+                   "an embedded job: its measured best for --mode)")
     p.add_argument("--group-size", type=_at_least(int, 1), default=None,
                    help="units per HiFT group (overrides the config)")
     p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default=None,
                    help="HiFT group order (overrides the config)")
+    p.add_argument("--prompt-format", choices=["auto", "chat", "plain"], default="auto",
+                   help="instruction prompts: the tokenizer's chat template (auto: when it has one) or plain text")
+    p.add_argument("--samples", type=_at_least(int, 0), default=3,
+                   help="instruction task: greedy generations printed for this many held-out prompts")
+    p.add_argument("--badam-switch-every", type=_at_least(int, 0), default=0,
+                   help="--mode badam: steps per block (0: BAdam's recommended max(n/(batch*blocks), 50))")
+    p.add_argument("--badam-order", choices=["random", "ascending", "descending"], default="random",
+                   help="--mode badam: block order")
     p.add_argument("--output-dir", default=None, help="the log, metrics, final model and any checkpoints go here "
                    "(default: runs/<mode>)")
     p.add_argument("--save-every", type=_at_least(int, 0), default=0,
@@ -94,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
     """The DeepSpeed config with CLI overrides applied and "auto" step counts filled in."""
     from hift_ds.config import load_ds_config
+    from hift_ds.scheduler_config import warmup_held_at_start
 
     cfg = load_ds_config(args.deepspeed)
     # Wrong JSON types would surface below as TypeErrors that look like bugs; name the key instead.
@@ -130,10 +146,15 @@ def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
         if args.strategy is not None:
             cfg["hift"]["strategy"] = args.strategy
     else:
-        cfg.pop("hift", None)
-        opt = cfg.get("optimizer", {})
-        if opt.get("type", "").lower() in ("adam", "adamw"):
-            opt.setdefault("params", {})["torch_adam"] = True  # plain torch AdamW: the same maths as HiFT's
+        if args.mode == "fpft":
+            cfg.pop("hift", None)
+            opt = cfg.get("optimizer", {})
+            if opt.get("type", "").lower() in ("adam", "adamw"):
+                opt.setdefault("params", {})["torch_adam"] = True  # plain torch AdamW: the same maths as HiFT's
+        if warmup_held_at_start(cfg.get("scheduler")) and isinstance(sched.get("total_num_steps"), int):
+            # main() starts the schedule at iteration 1, as hift_ds.initialize does under HiFT:
+            # one more iteration keeps the last step's LR above the floor.
+            sched["total_num_steps"] += 2 if cfg["scheduler"].get("type") == "WarmupCosineLR" else 1
     cfg["_total_steps"] = total
     return cfg
 
@@ -230,27 +251,23 @@ def restore_rng_state(state: dict) -> None:
         log.warning("checkpoint has no CUDA RNG state (saved without CUDA): GPU random streams start fresh")
 
 
-def evaluate(engine, loader, task: str) -> dict:
-    """Mean eval loss and, for classification, accuracy."""
-    import torch
+def resolve_job(args: argparse.Namespace) -> tuple[str, str]:
+    """(model path, data path): the given ones or the --task embedded job's; sets --lr to the job's for --mode."""
+    from hift_ds.defaults import EMBEDDED_JOBS
 
-    was_training = engine.module.training
-    engine.module.eval()
-    total_loss, n_batches, correct, seen = 0.0, 0, 0, 0
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            out = engine.module(**batch)
-            total_loss += float(out.loss)
-            n_batches += 1
-            if task == "classification":
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-                seen += len(batch["labels"])
-    engine.module.train(was_training)
-    metrics = {"eval_loss": total_loss / max(1, n_batches)}
-    if task == "classification":
-        metrics["accuracy"] = correct / max(1, seen)
-    return metrics
+    job = EMBEDDED_JOBS[args.task or "classification"]
+    model_path, data_path = args.model or job.model(), args.data or job.data()
+    if args.model is None and args.data is None:
+        for key, value in job.options.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.lr is None and args.mode in job.lr:
+            args.lr = job.lr[args.mode]
+            log.info("peak LR %g: the embedded %s job's measured best for --mode %s (--lr overrides it)", args.lr,
+                     args.task or "classification", args.mode)
+    if args.max_length is None:
+        args.max_length = 128
+    return model_path, data_path
 
 
 def _mark(prof, phase: str | None) -> None:
@@ -272,14 +289,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     import hift_ds
     from hift_ds import data as D
-    from hift_ds.defaults import default_data, default_model
+    from hift_ds.evaluation import evaluate, generate_samples
+    from hift_ds.scheduler_config import warmup_held_at_start
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
-    model_path = args.model or default_model()
-    data_path = args.data or default_data()
+    if args.resume and args.mode == "badam":
+        raise ValueError("--resume is not supported with --mode badam: BAdam's optimizer does not save its block "
+                         "position or its fp32 copy, so a resumed run would not continue the same training")
+    model_path, data_path = resolve_job(args)
     records = D.read_jsonl(data_path)
     task = D.detect_task(records, data_path)
+    if args.task is not None and args.data is not None and task != args.task:
+        raise ValueError(f"--task {args.task}, but {data_path} holds {task} records; drop --task or pass "
+                         f"{args.task} data")
     if args.eval_data:
         train_recs, eval_recs = records, D.read_jsonl(args.eval_data)
         D.detect_task(eval_recs, args.eval_data)
@@ -295,15 +318,26 @@ def main(argv: list[str] | None = None) -> dict:
         train_ds = D.encode_classification(train_recs, tok, labels, args.max_length, data_path)
         eval_ds = D.encode_classification(eval_recs, tok, labels, args.max_length, args.eval_data or data_path)
     else:
-        train_ds = D.encode_instruction(train_recs, tok, args.max_length, data_path)
-        eval_ds = D.encode_instruction(eval_recs, tok, args.max_length, args.eval_data or data_path)
+        train_ds = D.encode_instruction(train_recs, tok, args.max_length, data_path, args.prompt_format)
+        eval_ds = D.encode_instruction(eval_recs, tok, args.max_length, args.eval_data or data_path,
+                                       args.prompt_format)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = build_config(args, len(train_ds), world)
     total_steps = cfg.pop("_total_steps")
+    client = None
+    if args.mode == "badam":  # BAdam is a client optimizer of a plain DeepSpeed engine
+        from hift_ds.badam_mode import build_badam
+        client, cfg = build_badam(model, cfg, args.badam_order, args.badam_switch_every, len(train_ds), world)
     init = hift_ds.initialize if args.mode == "hift" else deepspeed.initialize
     engine, optimizer, _, scheduler = init(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad], config=cfg)
+                                                                          if p.requires_grad],
+                                           optimizer=client, config=cfg)
+    if args.mode != "hift" and warmup_held_at_start(cfg.get("scheduler")):
+        # DeepSpeed's warm-up schedules train steps 1 and 2 at warmup_min_lr (iterations -1 and 0,
+        # often LR 0); HiFT's engine starts them at iteration 1, and so do the other modes, so
+        # that every mode trains every step of the same budget.
+        scheduler.step(1)
     rank = engine.global_rank
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
@@ -328,7 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.resume:
         log.warning("--resume: no checkpoint in %s (no 'latest' file), starting fresh", ckpt_dir)
     if before is None:
-        before = evaluate(engine, eval_loader, task)
+        before = evaluate(engine.module, eval_loader, task)
+    chat = task == D.INSTRUCTION and D.uses_chat_template(tok, args.prompt_format)
+    sample_recs = eval_recs[:args.samples] if task == D.INSTRUCTION else []
+    samples_before = generate_samples(engine.module, tok, sample_recs, chat) if sample_recs and step == 0 else []
     if rank == 0 and step == 0 and os.path.exists(log_path):
         os.remove(log_path)
     if rank == 0 and step > 0 and os.path.exists(log_path):  # drop entries past the checkpoint
@@ -390,7 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
             with open(os.path.join(args.output_dir, "profile.json"), "w") as f:
                 json.dump(prof.summary(), f, indent=2)
             prof.plot(os.path.join(args.output_dir, "profile.png"), title=f"{args.mode} training")
-    after = evaluate(engine, eval_loader, task)
+    after = evaluate(engine.module, eval_loader, task)
+    samples = generate_samples(engine.module, tok, sample_recs, chat) if sample_recs else []
+    for i, sample in enumerate(samples):
+        sample["before"] = samples_before[i]["generated"] if samples_before else None
     if rank == 0:
         final = os.path.join(args.output_dir, "final")
         tmp = final + ".tmp"
@@ -399,15 +439,21 @@ def main(argv: list[str] | None = None) -> dict:
         tok.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        result = {"mode": args.mode, "steps": step, "before": before, "after": after}
+        result = {"mode": args.mode, "lr": args.lr, "steps": step, "before": before, "after": after,
+                  "samples": samples}
         atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(result, indent=2))
         rows = [(k, before[k], after[k]) for k in after]
         print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
         for k, b, a in rows:
             print(f"{k:<12}{b:>10.4f}{a:>10.4f}")
+        for sample in samples:
+            print(f"\nprompt:    {sample['prompt']}\nreference: {sample['reference']}")
+            if sample["before"] is not None:
+                print(f"before:    {sample['before']}")
+            print(f"after:     {sample['generated']}")
         dtype = str(next(engine.module.parameters()).dtype).replace("torch.", "")
         print(f"final model ({dtype}): {final}")
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "samples": samples}
 
 
 if __name__ == "__main__":

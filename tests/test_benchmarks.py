@@ -236,3 +236,22 @@ def test_quality_rejects_a_single_seed_flag(monkeypatch):
         quality.main(["--seed", "3"])
     with pytest.raises(SystemExit, match="comma-separated integers"):
         quality.main(["--seeds", "1,x"])
+
+
+quality_llm = _load("bench_quality_llm", BENCH / "quality_llm.py")
+
+
+def test_quality_llm_split_is_fixed_and_disjoint(tmp_path, monkeypatch):
+    import hift_ds.defaults
+    src = tmp_path / "all.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(30)))
+    monkeypatch.setattr(hift_ds.defaults, "instruction_data", lambda: str(src))
+    paths = quality_llm.write_split(str(tmp_path / "a"), test_size=6, val_size=4)
+    again = quality_llm.write_split(str(tmp_path / "b"), test_size=6, val_size=4)
+    parts = {k: [json.loads(line)["instruction"] for line in open(v)] for k, v in paths.items()}
+    assert {k: len(v) for k, v in parts.items()} == {"test": 6, "val": 4, "train": 20}
+    assert len(set().union(*parts.values())) == 30  # disjoint, nothing lost
+    assert all(open(paths[k]).read() == open(again[k]).read() for k in paths)  # the same split every time
+    assert quality_llm.parse_lrs(["fpft=1e-4,3e-4", "hift=1e-3"]) == {"fpft": [1e-4, 3e-4], "hift": [1e-3]}
+    with pytest.raises(SystemExit, match="--lrs entries"):
+        quality_llm.parse_lrs(["fpft=fast"])

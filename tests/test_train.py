@@ -271,7 +271,7 @@ def test_help_shows_each_default_once():
     assert "(default: None)" not in help_text and "(default: False)" not in help_text
     for option in help_text.split("\n  -")[1:]:
         assert option.count("(default:") <= 1, option
-    assert "(default: embedded MiniLM)" in " ".join(help_text.split()) and "(default: 128)" in help_text
+    assert "(default: the --task job's)" in " ".join(help_text.split()) and "(default: 128)" in help_text
 
 
 @pytest.mark.parametrize("examples, micro, world, gas", [(2002, 8, 1, 1), (176, 8, 1, 1), (181, 8, 1, 1),
