@@ -42,9 +42,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # the badam / badam-50 set-ups (pure Python, no dependencies of its own: it uses the torch above) and
-        # the torchao-offload ones (CUDA only; no runtime dependencies either)
-        "bench": ["badam", "torchao"],
+        # the torchao-offload set-ups of the benchmarks (CUDA only; no runtime dependencies of its own)
+        "bench": ["torchao"],
     },
     entry_points={"console_scripts": ["hift-profile=hift_ds.profile:main"]},
 )
