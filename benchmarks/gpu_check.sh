@@ -2,7 +2,7 @@
 # The GPU check of one device session: the gpu-marked tests, then the offload benchmark (LLaMA 1.1B shape,
 # with a trace), the LLaMA-2-7B headline under a 24 GiB cap, the comparison with BAdam and torchao, and the
 # kernel benchmark, in about 8 minutes on one H100/H200. Writes at most 5 files to OUTDIR: gpu_check.log
-# (everything printed), offload.json, headline.json, compare.json, kernels.json.
+# (everything printed), offload.json, headline.json, compare.json, kernels.json, and two traces.
 #
 #   here:        bash benchmarks/gpu_wheels.sh            # once: the wheels the GPU image lacks, into .whl/
 #   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
@@ -10,6 +10,8 @@
 #
 # Stages run in order of importance, each under its own time limit and the remaining BUDGET (seconds, 470 by
 # default), so a slow stage costs the later ones, not the whole call; a stage's failure does not stop the rest.
+# STAGES picks and orders them (default "tests offload headline compare kernels"); HEADLINE_BATCHES picks the
+# 7B runs ("1,4": 1x512, and 4x512 with checkpointing). The profiler traces come back gzipped in OUTDIR/trace/.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -46,19 +48,24 @@ if [ "${TINY:-0}" = 1 ]; then
   size=(--model tiny --batch-size 2 --seq-len 32)
   steps=(--steps 2 --warmup 1 --sync-steps 1)
   kernel_args=(--cpu-smoke)
-else
+else  # 24 steps: one whole cycle of llama-1b's 24 groups (a step's cost depends on its group's depth)
   size=(--model llama-1b --batch-size 4 --seq-len 512)
-  steps=(--steps 10 --warmup 3 --sync-steps 3)
+  steps=(--steps 24 --warmup 3 --sync-steps 3)
   kernel_args=()
 fi
 
-stage "gpu tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-stage "offload 1.1B" 170 python3 benchmarks/offload.py "${size[@]}" "${steps[@]}" \
-  --modes fpft,hift,hift-triton,hift-offload,hift-offload-triton,hift-offload-triton-1slot \
-  --trace /tmp/hift-trace --trace-steps 3 --json "$out/offload.json"
-stage "headline 7B" 200 python3 benchmarks/offload.py --headline-only --headline-steps 4 --trace /tmp/hift-trace \
-  --trace-steps 2 --json "$out/headline.json"
-stage "compare" 150 python3 benchmarks/compare.py "${size[@]}" "${steps[@]}" \
-  --modes fpft,badam,badam-50,torchao-offload,torchao-offload-grads,hift-offload-triton --json "$out/compare.json"
-stage "kernels" 60 python3 benchmarks/kernels.py "${kernel_args[@]}" --json "$out/kernels.json"
+for s in ${STAGES:-tests offload headline compare kernels}; do
+  case $s in
+    tests) stage "gpu tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py ;;
+    offload) stage "offload 1.1B" 170 python3 benchmarks/offload.py "${size[@]}" "${steps[@]}" \
+      --modes "${OFFLOAD_MODES:-fpft,hift,hift-triton,hift-offload,hift-offload-triton,hift-offload-triton-1slot}" \
+      --trace "$out/trace" --trace-steps 3 --json "$out/offload.json" ;;
+    headline) stage "headline 7B" 200 python3 benchmarks/offload.py --headline-only --headline-steps 4 \
+      --headline-batches "${HEADLINE_BATCHES:-1,4}" --trace "$out/trace" --trace-steps 2 --json "$out/headline.json" ;;
+    compare) stage "compare" 150 python3 benchmarks/compare.py "${size[@]}" "${steps[@]}" \
+      --modes fpft,badam,badam-50,torchao-offload,torchao-offload-grads,hift-offload-triton --json "$out/compare.json" ;;
+    kernels) stage "kernels" 60 python3 benchmarks/kernels.py "${kernel_args[@]}" --json "$out/kernels.json" ;;
+    *) note "unknown stage $s (tests offload headline compare kernels)" ;;
+  esac
+done
 note "done"

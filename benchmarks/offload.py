@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gzip
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -119,10 +121,32 @@ def overlap_summary(events: list[dict]) -> dict:
     side = [v for v in streams.values() if v["side_stream"]]
     total = sum(v["memcpy_ms"] for v in side)
     over = sum(v["overlapped_ms"] for v in side)
+    gpu = [iv for ivs in kernels.values() for iv in ivs] + [span for _, _, span in copies]
+    window_ms = (max(e for _, e in gpu) - min(s for s, _ in gpu)) / 1e3 if gpu else 0.0
+    busy_ms = sum(e - s for s, e in _merge([iv for ivs in kernels.values() for iv in ivs])) / 1e3
     return {"side_memcpy_ms": total, "side_overlapped_ms": over,
             "side_overlap_fraction": over / total if total else None,
             "kernel_ms": sum(e - s for ivs in kernels.values() for s, e in ivs) / 1e3,
+            # Kernels run only this share of the window: the rest is the GPU waiting (for the CPU to launch,
+            # or for a copy), and copies there cannot overlap compute since none runs.
+            "gpu_window_ms": window_ms, "kernel_busy_ms": busy_ms,
+            "kernel_busy_fraction": busy_ms / window_ms if window_ms else None,
+            "host_blocking_calls": host_blocking_calls(events),
             "compute_streams": sorted(str(s) for s in kernels), "streams": streams}
+
+
+def host_blocking_calls(events: list[dict], top: int = 6) -> dict[str, dict]:
+    """CUDA runtime calls that can hold the CPU (synchronizes, copies, waits): count and total ms, longest first."""
+    calls: dict[str, dict] = {}
+    for ev in events:
+        name = ev.get("name", "")
+        if ev.get("ph") != "X" or ev.get("cat") != "cuda_runtime" or not any(
+                w in name for w in ("Synchronize", "Memcpy", "Wait", "HostAlloc", "Malloc", "Free")):
+            continue
+        c = calls.setdefault(name, {"count": 0, "ms": 0.0})
+        c["count"] += 1
+        c["ms"] += float(ev.get("dur", 0.0)) / 1e3
+    return dict(sorted(calls.items(), key=lambda kv: -kv[1]["ms"])[:top])
 
 
 def format_overlap(summary: dict) -> str:
@@ -135,6 +159,11 @@ def format_overlap(summary: dict) -> str:
         lines.append(f"  stream {stream} ({'side' if v['side_stream'] else 'compute'}): {v['copies']} copies, "
                      f"H2D {v['HtoD_ms']:.2f} ms, D2H {v['DtoH_ms']:.2f} ms, "
                      f"overlapping kernels on other streams {v['overlapped_ms']:.2f} ms")
+    if summary.get("gpu_window_ms"):
+        lines.append(f"  kernels busy {summary['kernel_busy_ms']:.1f} of {summary['gpu_window_ms']:.1f} ms of the "
+                     f"GPU window ({100 * summary['kernel_busy_fraction']:.0f}%); host CUDA calls that can block: "
+                     + (", ".join(f"{n} {c['count']}x {c['ms']:.1f} ms"
+                                  for n, c in summary["host_blocking_calls"].items()) or "none"))
     frac = summary["side_overlap_fraction"]
     verdict = ("no side-stream copies found" if frac is None else
                f"{summary['side_overlapped_ms']:.2f} of {summary['side_memcpy_ms']:.2f} ms "
@@ -159,7 +188,12 @@ def trace(built: setups.Built, args: argparse.Namespace) -> dict:
     path = Path(args.trace) / f"{TRACE_MODE}-{args.model}-{args.batch_size}x{args.seq_len}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
-    summary = overlap_summary(json.loads(path.read_text())["traceEvents"])
+    text = path.read_text()
+    path.unlink()
+    path = path.with_suffix(".json.gz")  # chrome://tracing and Perfetto open it as is
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    summary = overlap_summary(json.loads(text)["traceEvents"])
     return {"path": str(path), "steps": args.trace_steps, "compute_ms_per_step": summary["kernel_ms"] / args.trace_steps,
             **summary}
 
@@ -187,22 +221,28 @@ def bench_worker(payload: dict) -> dict:
 
 
 def measure_bandwidth(payload: dict) -> dict:
-    """Child-process entry: pinned host <-> device copy bandwidth (GB/s), median of 5 copies of ``gib`` GiB."""
+    """Child-process entry: pinned host <-> device bandwidth (GB/s), each direction alone and both at once
+    on two streams (as the two-slot store copies), median of 5 rounds of ``gib`` GiB per direction."""
     n = int(payload.get("gib", 1.0) * 2 ** 30) // 4
-    host = torch.empty(n, dtype=torch.float32, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.float32, device="cuda")
-    out = {}
-    for name, (dst, src) in {"h2d_gbps": (dev, host), "d2h_gbps": (host, dev)}.items():
+    host_in, host_out = (torch.empty(n, dtype=torch.float32, pin_memory=True) for _ in range(2))
+    dev_in, dev_out = (torch.empty(n, dtype=torch.float32, device="cuda") for _ in range(2))
+    streams = {"h2d": torch.cuda.Stream(), "d2h": torch.cuda.Stream()}
+    pairs = {"h2d": (dev_in, host_in), "d2h": (host_out, dev_out)}
+
+    def rounds(directions: tuple[str, ...]) -> float:
         times = []
         for _ in range(6):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src, non_blocking=True)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        out[name] = n * 4 / (statistics.median(times[1:]) * 1e-3) / 1e9
-    return out
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for d in directions:
+                with torch.cuda.stream(streams[d]):
+                    pairs[d][0].copy_(pairs[d][1], non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return n * 4 / statistics.median(times[1:]) / 1e9
+
+    return {"h2d_gbps": rounds(("h2d",)), "d2h_gbps": rounds(("d2h",)),
+            "both_gbps_each_way": rounds(("h2d", "d2h"))}  # bytes of one direction / time of both
 
 
 # ---- headline: LLaMA-2-7B shape ----------------------------------------------------------------
@@ -213,21 +253,28 @@ def lower_bound(row: dict, compute_ms: float | None, bw: dict) -> dict:
         return {}
     per_step = sum(sizes) / len(sizes)  # every group is copied in once and out once per cycle of k steps
     copy_in, copy_out = per_step / (bw["h2d_gbps"] * 1e6), per_step / (bw["d2h_gbps"] * 1e6)  # ms
-    # Two slots run the two directions at once; one slot runs them one after the other.
-    copy_ms = copy_in + copy_out if row["mode"].endswith("1slot") else max(copy_in, copy_out)
+    # The bytes must cross the link either one direction after the other or both at once, whichever the
+    # machine does faster (concurrent copies share host memory and the PCIe root, so "at once" can lose).
+    both = per_step / (bw["both_gbps_each_way"] * 1e6) if bw.get("both_gbps_each_way") else copy_in + copy_out
+    copy_ms = min(copy_in + copy_out, both)
     bound = max(compute_ms or 0.0, copy_ms)
     return {"bytes_per_step_each_way": per_step, "copy_in_ms": copy_in, "copy_out_ms": copy_out,
-            "compute_ms": compute_ms, "bound_ms": bound, "step_over_bound": row["step_ms"] / bound if bound else None}
+            "copy_both_ms": both, "copy_ms": copy_ms, "compute_ms": compute_ms, "bound_ms": bound,
+            "step_over_bound": row["step_ms"] / bound if bound else None}
 
 
 def headline(args: argparse.Namespace) -> dict:
-    """LLaMA-2-7B shape: HiFT with offload under a --headline-cap-gib cap, and each step against its lower bound."""
+    """LLaMA-2-7B shape: HiFT with offload under a --headline-cap-gib cap, and each step against its lower bound.
+    Each row is printed as soon as it is measured (a run cut short by a time limit keeps what it printed)."""
     if not torch.cuda.is_available():
         return {"skipped": "needs CUDA; the LLaMA-2-7B shape runs on a GPU", "rows": []}
     res = setups.run_isolated(f"{Path(__file__).resolve()}:measure_bandwidth", {"gib": 1.0}, args.timeout)
     bw = res.get("row") or {}
-    rows = []
-    for bsz, ckpt in HEADLINE_RUNS:
+    result = {"cap_gib": args.headline_cap_gib, "bandwidth": bw or {"skipped": res.get("error")}, "rows": []}
+    print(format_headline(result), flush=True)
+    batches = {int(b) for b in str(args.headline_batches).split(",") if b}
+    for bsz, ckpt in (run for run in HEADLINE_RUNS if run[0] in batches):
+        resident = None
         for mode in HEADLINE_MODES:
             if mode.endswith("1slot") and bsz != 1:
                 continue  # one slot matters where copies bound the step: the smallest batch
@@ -235,45 +282,53 @@ def headline(args: argparse.Namespace) -> dict:
             hargs = harness.with_overrides(args, model="llama-7b", dtype="bf16", batch_size=bsz, seq_len=512,
                                            steps=args.headline_steps, warmup=2, sync_steps=2, trace=args.trace,
                                            gradient_checkpointing=ckpt, max_memory_gib=cap)
-            print(f"headline LLaMA-2-7B shape, batch {bsz}x512{' + checkpointing' if ckpt else ''}:", flush=True)
-            rows += harness.run_modes_in_subprocesses([mode], hargs, worker_fn=f"{Path(__file__).resolve()}:bench_worker")
-    for r in rows:
-        if r["status"] != "ok" or r["mode"] == "hift-triton":
-            continue
-        resident = next((x for x in rows if x["mode"] == "hift-triton" and x["status"] == "ok"
-                         and x["batch_size"] == r["batch_size"]), None)
-        traced = (r.get("trace") or {}).get("compute_ms_per_step")
-        r["bound"] = lower_bound(r, resident["step_ms"] if resident else traced, bw)
-        r["bound"]["compute_from"] = "hift-triton (resident)" if resident else "trace kernel time" if traced else None
-        peak = r.get("peak_reserved_gib")
-        r["fits_cap"] = None if peak is None else peak <= args.headline_cap_gib
-    return {"cap_gib": args.headline_cap_gib, "bandwidth": bw or {"skipped": res.get("error")}, "rows": rows}
+            r, = harness.run_modes_in_subprocesses([mode], hargs, worker_fn=f"{Path(__file__).resolve()}:bench_worker",
+                                                   verbose=False)
+            if mode == "hift-triton":
+                resident = r if r["status"] == "ok" else None
+            elif r["status"] == "ok":
+                traced = (r.get("trace") or {}).get("compute_ms_per_step")
+                r["bound"] = lower_bound(r, resident["step_ms"] if resident else traced, bw)
+                r["bound"]["compute_from"] = "hift-triton (resident)" if resident else "trace kernel time" if traced \
+                    else None
+                peak = r.get("peak_reserved_gib")
+                r["fits_cap"] = None if peak is None else peak <= args.headline_cap_gib
+            result["rows"].append(r)
+            print(format_headline_row(r), flush=True)
+            if r.get("trace") and not r["trace"].get("skipped"):
+                print(format_overlap(r["trace"]), flush=True)
+    return result
 
 
 def format_headline(result: dict) -> str:
-    """The headline rows: mode, batch, peak memory, fit under the cap, step time against its lower bound."""
+    """The headline: what was measured and the link's bandwidth, then one line per row."""
     if result.get("skipped"):
         return f"headline: skipped: {result['skipped']}"
     bw = result["bandwidth"]
+    nan = float("nan")
     lines = [f"headline: LLaMA-2-7B shape, bf16, seq 512, allocator capped at {result['cap_gib']:g} GiB (hift-triton "
              f"uncapped: it holds every group's state on the GPU); pinned bandwidth H2D "
-             f"{bw.get('h2d_gbps', float('nan')):.1f} GB/s, D2H {bw.get('d2h_gbps', float('nan')):.1f} GB/s"]
-    for r in result["rows"]:
-        what = f"  {r['mode']:<26} {r['batch_size']}x512{' ckpt' if r.get('gradient_checkpointing') else '     '}"
-        if r["status"] != "ok":
-            lines.append(f"{what}  {r['status']}: {r['error']}")
-            continue
-        line = (f"{what}  step {r['step_ms']:.0f} ms  alloc {r['peak_alloc_gib']:.2f}  reserved "
-                f"{r['peak_reserved_gib']:.2f}  device {harness._fmt(r['peak_device_gib'], '.2f')} GiB")
-        b = r.get("bound") or {}
-        if b.get("bound_ms"):
-            line += (f"  bound {b['bound_ms']:.0f} ms (compute {harness._fmt(b['compute_ms'], '.0f')} from "
-                     f"{b['compute_from']}, copy in {b['copy_in_ms']:.0f} / out {b['copy_out_ms']:.0f}) "
-                     f"-> {b['step_over_bound']:.2f}x")
-        if r.get("fits_cap") is not None:
-            line += "  fits" if r["fits_cap"] else "  DOES NOT FIT"
-        lines.append(line)
-    return "\n".join(lines)
+             f"{bw.get('h2d_gbps', nan):.1f} GB/s, D2H {bw.get('d2h_gbps', nan):.1f} GB/s, both at once "
+             f"{bw.get('both_gbps_each_way', nan):.1f} GB/s each way"]
+    return "\n".join(lines + [format_headline_row(r) for r in result["rows"]])
+
+
+def format_headline_row(r: dict) -> str:
+    """One headline row: mode, batch, peak memory, fit under the cap, step time against its lower bound."""
+    what = f"  {r['mode']:<26} {r['batch_size']}x512{' ckpt' if r.get('gradient_checkpointing') else '     '}"
+    if r["status"] != "ok":
+        return f"{what}  {r['status']}: {r['error']}"
+    line = (f"{what}  step {r['step_ms']:.0f} ms (window {r['window_ms']:.0f}, sync {r['step_ms_sync']:.0f})  "
+            f"alloc {r['peak_alloc_gib']:.2f}  reserved {r['peak_reserved_gib']:.2f}  device "
+            f"{harness._fmt(r['peak_device_gib'], '.2f')} GiB")
+    b = r.get("bound") or {}
+    if b.get("bound_ms"):
+        line += (f"  bound {b['bound_ms']:.0f} ms (compute {harness._fmt(b['compute_ms'], '.0f')} from "
+                 f"{b['compute_from']}; copy in {b['copy_in_ms']:.0f} + out {b['copy_out_ms']:.0f}, both at once "
+                 f"{b['copy_both_ms']:.0f}) -> {b['step_over_bound']:.2f}x")
+    if r.get("fits_cap") is not None:
+        line += "  fits" if r["fits_cap"] else "  DOES NOT FIT"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--headline-only", action="store_true", help="only the LLaMA-2-7B headline")
     ap.add_argument("--headline-steps", type=int, default=5)
     ap.add_argument("--headline-cap-gib", type=float, default=24.0)
+    ap.add_argument("--headline-batches", default="1,4", help="which headline batch sizes: 1 (seq 512), "
+                    "4 (seq 512, gradient checkpointing), or both")
     args = ap.parse_args(argv)
     worker = f"{Path(__file__).resolve()}:bench_worker"
     modes = [m for m in args.modes.split(",") if m]
@@ -310,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.headline or args.headline_only:
         print()
         head = headline(args)
-        print(format_headline(head))
     if args.json:
         harness.write_json(args.json, {"meta": harness.meta(args), "rows": rows, "targets": checks,
                                        "trace": trace_summary, "headline": head})

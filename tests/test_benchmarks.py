@@ -135,23 +135,51 @@ def test_targets_pass_fail_from_measured_ratios():
 
 
 def test_headline_lower_bound_and_table():
-    bw = {"h2d_gbps": 40.0, "d2h_gbps": 50.0}
-    two = {"mode": "hift-offload-triton", "status": "ok", "step_ms": 90.0, "group_state_bytes": [2e9, 4e9]}
-    one = dict(two, mode="hift-offload-triton-1slot", step_ms=170.0)
-    b2 = offload_bench.lower_bound(two, 60.0, bw)  # 3 GB each way per step: in 75 ms, out 60 ms, at once
-    assert b2["copy_in_ms"] == pytest.approx(75.0) and b2["copy_out_ms"] == pytest.approx(60.0)
-    assert b2["bound_ms"] == pytest.approx(75.0) and b2["step_over_bound"] == pytest.approx(1.2)
-    b1 = offload_bench.lower_bound(one, 60.0, bw)  # one slot: one direction after the other
-    assert b1["bound_ms"] == pytest.approx(135.0)
-    assert offload_bench.lower_bound(two, 100.0, bw)["bound_ms"] == 100.0  # compute-bound
+    bw = {"h2d_gbps": 40.0, "d2h_gbps": 50.0, "both_gbps_each_way": 30.0}
+    two = {"mode": "hift-offload-triton", "status": "ok", "step_ms": 120.0, "group_state_bytes": [2e9, 4e9]}
+    # 3 GB each way per step: in 75 ms + out 60 ms one after the other, or 100 ms both at once: 100 bounds
+    b = offload_bench.lower_bound(two, 60.0, bw)
+    assert b["copy_in_ms"] == pytest.approx(75.0) and b["copy_out_ms"] == pytest.approx(60.0)
+    assert b["copy_both_ms"] == pytest.approx(100.0) and b["bound_ms"] == pytest.approx(100.0)
+    assert b["step_over_bound"] == pytest.approx(1.2)
+    slow_both = offload_bench.lower_bound(two, 60.0, dict(bw, both_gbps_each_way=20.0))  # 150 ms at once
+    assert slow_both["bound_ms"] == pytest.approx(135.0)  # one direction after the other is faster
+    assert offload_bench.lower_bound(two, 60.0, {"h2d_gbps": 40.0, "d2h_gbps": 50.0})["bound_ms"] == pytest.approx(135)
+    assert offload_bench.lower_bound(two, 140.0, bw)["bound_ms"] == 140.0  # compute-bound
     args = argparse.Namespace(model="llama-7b", dtype="bf16", batch_size=1, seq_len=512, steps=3, warmup=2,
                               group_size=1, gradient_checkpointing=False, max_memory_gib=24.0)
     row = harness.failed_row("hift-offload-triton", args, None, "ok")
-    row.update(step_ms=90.0, peak_alloc_gib=20.1, peak_reserved_gib=21.0, peak_device_gib=21.6,
-               bound=dict(b2, compute_from="trace kernel time"), fits_cap=True)
+    row.update(step_ms=120.0, window_ms=121.0, step_ms_sync=130.0, peak_alloc_gib=20.1, peak_reserved_gib=21.0,
+               peak_device_gib=21.6, bound=dict(b, compute_from="trace kernel time"), fits_cap=True)
     text = offload_bench.format_headline({"cap_gib": 24.0, "bandwidth": bw, "rows": [
         row, harness.failed_row("hift-triton", args, "CUDA out of memory: x")]})
-    assert "bound 75 ms" in text and "-> 1.20x" in text and "fits" in text and "failed: CUDA out of memory" in text
+    assert "bound 100 ms" in text and "both at once 100" in text and "-> 1.20x" in text and "fits" in text
+    assert "both at once 30.0 GB/s each way" in text and "failed: CUDA out of memory" in text
+
+
+def test_headline_prints_each_row_as_measured(monkeypatch, capsys):
+    """A headline cut short by a time limit keeps the rows it printed; the bound uses the resident compute."""
+    from hift_ds import setups
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(setups, "run_isolated", lambda *a: {"status": "ok", "row": {
+        "h2d_gbps": 40.0, "d2h_gbps": 50.0, "both_gbps_each_way": 30.0}})
+    step = {"hift-triton": 70.0, "hift-offload-triton": 120.0, "hift-offload-triton-1slot": 150.0}
+
+    def fake_rows(modes, args, **kw):
+        r = dict(harness._base_row(modes[0], args, "a GPU"), status="ok", error=None)
+        r.update(step_ms=step[modes[0]], window_ms=1.0, step_ms_sync=1.0, peak_alloc_gib=20.0,
+                 peak_reserved_gib=25.0 if modes[0] != "hift-triton" else 90.0, peak_device_gib=None,
+                 group_state_bytes=[3e9])
+        return [r]
+
+    monkeypatch.setattr(offload_bench.harness, "run_modes_in_subprocesses", fake_rows)
+    args = offload_bench.harness.make_parser("x", "x", model="llama-1b", batch_size=4, seq_len=512).parse_args([])
+    args = harness.with_overrides(args, headline_cap_gib=24.0, headline_batches="1", headline_steps=3, trace=None)
+    result = offload_bench.headline(args)
+    out = capsys.readouterr().out
+    assert [r["mode"] for r in result["rows"]] == ["hift-triton", "hift-offload-triton", "hift-offload-triton-1slot"]
+    assert out.count("1x512") == 3 and "bound 100 ms (compute 70 from hift-triton (resident)" in out
+    assert "-> 1.50x" in out and "DOES NOT FIT" in out  # 150 / 100; 25 GiB reserved under a 24 GiB cap
 
 
 def test_steady_window_times_each_step_and_keeps_losses_on_the_device():
@@ -182,7 +210,14 @@ def test_overlap_summary_counts_side_stream_copy_under_kernels():
     assert s["side_memcpy_ms"] == pytest.approx(0.12) and s["side_overlapped_ms"] == pytest.approx(0.05)
     assert s["streams"]["13"]["HtoD_ms"] == pytest.approx(0.1) and s["streams"]["13"]["side_stream"]
     assert not s["streams"]["7"]["side_stream"] and s["compute_streams"] == ["7"]
-    assert "overlapped compute" in offload_bench.format_overlap({**s, "path": "x", "steps": 1})
+    assert s["kernel_busy_ms"] == pytest.approx(0.15) and s["gpu_window_ms"] == pytest.approx(0.32)
+    assert s["host_blocking_calls"] == {}
+    blocked = offload_bench.overlap_summary(events + [ev("cuda_runtime", "cudaStreamSynchronize", 0, 2000, 0),
+                                                      ev("cuda_runtime", "cudaLaunchKernel", 0, 5, 0)])
+    assert blocked["host_blocking_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": 2.0}}
+    text = offload_bench.format_overlap({**blocked, "path": "x", "steps": 1})
+    assert "overlapped compute" in text and "kernels busy 0.1 of 0.3 ms" in text
+    assert "cudaStreamSynchronize 1x 2.0 ms" in text
 
 
 def test_isolated_run_reports_out_of_memory_skips_and_crashes_as_rows(tmp_path):
