@@ -3,15 +3,29 @@
 Each group owns one contiguous fp32 buffer per kind ("master", "exp_avg", ...), allocated once.
 With offload the buffers live in (pinned) host memory and the active group is copied into a
 device *slot*. Two slots and two copy streams (one per direction) make a step's copies run
-concurrently: after group g's update its slot is copied home on the device-to-host stream while
-the next group is copied into the other slot on the host-to-device stream, and both overlap the
-next forward/backward. CUDA events order the streams; the compute stream only waits for the copy
-it needs. Without CUDA the same code runs with plain synchronous copies, which CPU CI exercises.
+concurrently: the next group is copied into the other slot on the host-to-device stream right
+after a step, and the group just updated is copied home on the device-to-host stream, both
+overlapping the next forward/backward. CUDA events order the streams; the compute stream only
+waits for the copy it needs. Without CUDA the same code runs with plain synchronous copies,
+which CPU CI exercises.
+
+The copy home starts late on purpose: at the next forward's first block (``start_copy_outs``,
+called by a forward pre-hook), not at the end of the step. A GPU has one copy engine per
+direction, and it runs copies in the order they were queued, whatever their stream: a small
+device-to-host read queued behind a group's copy-out waits for all of it, and so does the CPU
+that asked for it. Hugging Face models make such a read at the start of every forward (the mask
+code checks the inputs with ``.all()``), and on an H200 it held each step for the whole copy-out
+(47 ms of 66 at the LLaMA-2-7B shape), with no kernel running. Past the model's input
+preparation the copy-out overlaps compute only; with one slot the next group's copy-in follows it
+there. A checkpoint (``synchronize``) or an ``acquire`` that needs the slot starts them earlier.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 MASTER = "master"
 
@@ -48,6 +62,10 @@ class GroupStore:
         # Per slot: the copy-in that fills it, and the copy-out still reading it (None when nothing is pending).
         self._filled: list[torch.cuda.Event | None] = [None] * len(self.slots)
         self._emptied: list[torch.cuda.Event | None] = [None] * len(self.slots)
+        # Released slots whose copy home has not started: slot -> the compute stream's event after the update.
+        self._released: dict[int, torch.cuda.Event | None] = {}
+        self.defer_copy_out = False  # set by start_copy_outs_before: copies home wait for that module
+        self._prefetch_after_copy_out: int | None = None  # a group whose slot is still to be copied home
         cuda_copies = offload and on_cuda
         self._h2d = torch.cuda.Stream(self.device) if cuda_copies else None
         self._d2h = torch.cuda.Stream(self.device) if cuda_copies else None
@@ -66,6 +84,11 @@ class GroupStore:
         if not self.offload or not self.kinds or g in self._slot_group:
             return
         s = min(range(len(self.slots)), key=lambda i: self._last_use[i])
+        if s in self._released:  # one slot, or a short cycle: the group leaving must go home first,
+            if self.defer_copy_out:  # and its copy home waits for the next forward: so does this copy-in
+                self._prefetch_after_copy_out = g
+                return
+            self._start_copy_out(s)
         self._slot_group[s] = g
         self._last_use[s] = self._uses = self._uses + 1  # not refilled before it is acquired
         n = self.numels[g]
@@ -89,9 +112,14 @@ class GroupStore:
         """Group ``g``'s flat buffers on the device, ready for the compute stream to update."""
         if not self.offload or not self.kinds:
             return self.home[g]
+        if g not in self._slot_group:
+            self.start_copy_outs()  # a copy-in waiting for a copy-out is needed now
         self.prefetch(g)
         s = self.slot_of(g)
         self._last_use[s] = self._uses = self._uses + 1
+        # The same group again before its copy home started: the slot still holds its newest state, so
+        # that copy is not needed (the next release queues one after this update).
+        self._released.pop(s, None)
         compute = torch.cuda.current_stream(self.device) if self._h2d is not None else None
         for pending in (self._filled, self._emptied):
             # The copy-in must have landed; and if the same group was just released (it follows
@@ -104,21 +132,39 @@ class GroupStore:
         return {k: buf[:n] for k, buf in self.slots[s].items()}
 
     def release(self, g: int) -> None:
-        """Write group ``g``'s updated device buffers back home, asynchronously on CUDA."""
+        """Group ``g``'s slot is updated: copy it home, now or (``defer_copy_out``) at ``start_copy_outs``."""
         if not self.offload or not self.kinds:
             return
         s = self.slot_of(g)
         if s is None:
             raise RuntimeError(f"GroupStore.release({g}) but no device slot holds group {g} "
                                f"(slots hold {self._slot_group})")
+        updated = None
+        if self._d2h is not None:
+            updated = torch.cuda.Event()
+            updated.record(torch.cuda.current_stream(self.device))  # the copy must not read a half-done update
+        self._released[s] = updated
+        if not self.defer_copy_out:
+            self._start_copy_out(s)
+
+    def start_copy_outs(self) -> None:
+        """Start copying every released slot home (queued on the device-to-host stream on CUDA), then the
+        copy-in that was waiting for one of them."""
+        for s in list(self._released):
+            self._start_copy_out(s)
+        g, self._prefetch_after_copy_out = self._prefetch_after_copy_out, None
+        if g is not None:
+            self.prefetch(g)
+
+    def _start_copy_out(self, s: int) -> None:
+        updated = self._released.pop(s)
+        g = self._slot_group[s]
         n = self.numels[g]
         if self._d2h is None:
             for k, src in self.slots[s].items():
                 self.home[g][k].copy_(src[:n])
             return
-        updated = torch.cuda.Event()
-        updated.record(torch.cuda.current_stream(self.device))
-        self._d2h.wait_event(updated)  # the update on the compute stream must be done
+        self._d2h.wait_event(updated)
         with torch.cuda.stream(self._d2h):
             for k, src in self.slots[s].items():
                 self.home[g][k].copy_(src[:n], non_blocking=True)
@@ -127,7 +173,8 @@ class GroupStore:
             self._emptied[s].record(self._d2h)
 
     def synchronize(self) -> None:
-        """Wait for every pending copy so the home buffers are current (before reading them)."""
+        """Start the copies home not yet started and wait for every copy: the home buffers are current."""
+        self.start_copy_outs()
         for stream in (self._h2d, self._d2h):
             if stream is not None:
                 stream.synchronize()
@@ -137,6 +184,7 @@ class GroupStore:
         self.synchronize()
         n = len(self.slots)
         self._slot_group, self._filled, self._emptied = [None] * n, [None] * n, [None] * n
+        self._prefetch_after_copy_out = None
 
     def bytes_by_location(self) -> dict[str, int]:
         """Bytes of masters + state on the device (home if resident, else the slots) and on the host."""
@@ -147,3 +195,23 @@ class GroupStore:
             return {"device": home, "host_pinned": 0, "host_pageable": 0}
         return {"device": slots, "host_pinned": home if self.pinned else 0,
                 "host_pageable": 0 if self.pinned else home}
+
+
+def start_copy_outs_before(module: nn.Module, store: GroupStore) -> RemovableHandle:
+    """Start ``store``'s released copy-outs whenever ``module`` is about to run forward (a pre-hook)."""
+    ref = weakref.ref(store)  # the hook must not keep the store (and its pinned memory) alive
+
+    def pre_hook(_module: nn.Module, _args: tuple) -> None:
+        st = ref()
+        if st is not None:
+            st.start_copy_outs()
+
+    handle = module.register_forward_pre_hook(pre_hook)
+    weakref.finalize(store, handle.remove)
+    store.defer_copy_out = True
+    return handle
+
+
+def first_module_of(model: nn.Module, param: nn.Parameter) -> nn.Module | None:
+    """The module that holds ``param`` directly (not through a child), or None."""
+    return next((m for m in model.modules() if any(q is param for q in m.parameters(recurse=False))), None)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hift_ds import kernels
-from hift_ds.offload import MASTER, GroupStore
+from hift_ds.offload import MASTER, GroupStore, first_module_of, start_copy_outs_before
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
 from hift_ds.zero import DEFAULT_BUCKET_NUMEL, Collectives, GradReducer, ShardLayout
@@ -161,6 +161,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
                                     masters=self.masters, offload=offload == "cpu", device=self.device,
                                     pin_memory=pin_memory, slots=offload_slots)
             self.sync_masters_from_model()
+            if self.store.offload and len(unit_list) > 1:
+                # Copies home start once a forward is past the model's input preparation (offload.py: why).
+                trigger = first_module_of(model, unit_list[1].params[0][1])
+                if trigger is not None:
+                    start_copy_outs_before(trigger, self.store)
             self._inner = None
         else:
             if offload != "none" or self.masters:

@@ -53,17 +53,19 @@ class LateCopies(GroupStore):
                 torch.cuda._sleep(SLEEP_CYCLES)
         super().prefetch(g)
 
-    def release(self, g: int) -> None:
+    def _start_copy_out(self, s: int) -> None:
         if self._d2h is not None:
             with torch.cuda.stream(self._d2h):
                 torch.cuda._sleep(SLEEP_CYCLES)
-        super().release(g)
+        super()._start_copy_out(s)
 
 
 class LateCopiesWithoutWaits(LateCopies):
     """The bug the ordering tests must catch: the compute stream does not wait for the copies."""
 
     def acquire(self, g: int):
+        if g not in self._slot_group:
+            self.start_copy_outs()  # as GroupStore.acquire: a deferred copy-in is needed now
         self.prefetch(g)
         s = self.slot_of(g)
         self._filled[s] = self._emptied[s] = None

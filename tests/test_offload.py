@@ -47,6 +47,7 @@ def test_bf16_masters_follow_fp32_adamw_and_weights_are_their_cast():
         opt.step()
         ref_opt.step()
         opt.zero_grad()
+    opt.store.synchronize()  # the last group's copy home waits for a forward that does not come
     for g in range(opt.num_groups):
         masters = opt._split(g, opt.store.home[g][MASTER])
         for name, m, p in zip(opt.group_param_names(g), masters, opt._params[g]):
@@ -158,6 +159,41 @@ def test_offload_when_a_group_follows_itself_equals_resident(num_groups):
         assert torch.equal(p, q)
     with pytest.raises(RuntimeError, match="no device slot holds group"):
         opt_b.store.release(opt_b.num_groups)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_copy_home_starts_at_the_next_forwards_first_block(slots):
+    """The update's copy home is held back until a forward reaches the first block (past the model's input
+    preparation, whose device reads would queue behind it), and with one slot the next copy-in after it; a
+    checkpoint starts it earlier."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = HiFTOptimizer(model, "adamw", offload="cpu", offload_slots=slots, lr=1e-2)
+    assert opt.store.defer_copy_out
+    x = batch(0)
+
+    def step_and_slot(g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train group g one step; (its home masters before, its slot's masters after)."""
+        before = opt.store.home[g][MASTER].clone()
+        opt.backward(model(input_ids=x, labels=x).loss)
+        opt.step()
+        return before, opt.store.slots[opt.store.slot_of(g)][MASTER][:before.numel()].clone()
+
+    g = opt.active_group
+    before, slot = step_and_slot(g)
+    home = opt.store.home[g][MASTER]
+    assert not torch.equal(slot, before) and torch.equal(home, before)  # held back
+    model.model.embed_tokens(x)  # the embeddings alone: not yet
+    assert torch.equal(home, before) and opt.store.slot_of(g) is not None
+    model(input_ids=x)
+    assert torch.equal(home, slot)
+    assert (opt.store.slot_of(g) is None) == (slots == 1)  # one slot: the next group's copy-in followed
+    assert opt.store.slot_of(opt.active_group) is not None
+    h = opt.active_group
+    stale, newest = step_and_slot(h)
+    assert not torch.equal(newest, stale) and torch.equal(opt.store.home[h][MASTER], stale)
+    state = opt.state_dict()  # a checkpoint starts it and waits for it
+    assert torch.equal(state["state"][h][MASTER], newest) and torch.equal(state["state"][g][MASTER], slot)
+    assert not opt.store._released
 
 
 def train_against_torch_adamw(model, steps: int, device="cpu", store_class=None, **kw):
@@ -280,6 +316,7 @@ def test_fused_flat_path_matches_torch_path(dtype, optimizer):
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-4)
     if dtype == torch.bfloat16:
+        opt_b.store.synchronize()
         for g in range(opt_b.num_groups):
             for p, master in zip(opt_b._params[g], opt_b._split(g, opt_b.store.home[g][MASTER])):
                 assert torch.equal(p, master.to(torch.bfloat16))
