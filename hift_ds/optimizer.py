@@ -380,6 +380,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                         p.grad = torch.zeros_like(p)
                 grads = [p.grad for p in params]
         self.overflow = False
+        self._global_grad_norm = None  # the active group's norm once clipping computes it
         if self.scaler is not None:
             bad = kernels.has_inf_or_nan_flat(flat_grad) if self._flat else kernels.has_inf_or_nan(grads)
             self.overflow = bool(self._reduce(torch.tensor([float(bad)], device=self.device), "max"))
@@ -395,6 +396,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             sq = torch.linalg.vector_norm(flat_grad, dtype=torch.float32) ** 2 if self._flat else sum(
                 torch.linalg.vector_norm(gr.float()) ** 2 for gr in grads)
             norm = float(self._reduce(sq.reshape(1), "sum")) ** 0.5 * inv_scale
+            self._global_grad_norm = norm  # read by DeepSpeed's engine (get_global_grad_norm)
             if norm > self.max_grad_norm:
                 inv_scale *= self.max_grad_norm / (norm + 1e-6)
         if self._comm is not None:

@@ -6,6 +6,7 @@ identical on every rank and reproducible after a resume without storing any RNG 
 """
 from __future__ import annotations
 
+import math
 import random
 
 STRATEGIES = ("bottom2up", "top2down", "random")
@@ -90,6 +91,11 @@ class GroupSchedule:
         """Restore a position saved by ``state_dict``; groups, strategy and (random) seed must match."""
         self.check_state_dict(state)
         self.steps_done = int(state["steps_done"])
+
+
+def steps_to_cycles(steps: int, num_groups: int) -> int:
+    """A length written in optimizer steps as HiFT cycles of ``num_groups`` steps (ceil; 0 and negatives kept)."""
+    return max(1, math.ceil(steps / num_groups)) if steps > 0 else steps
 
 
 def lr_cycle_scheduler(scheduler, optimizer) -> "CycleLRScheduler":

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from hift_ds.schedule import steps_to_cycles
+
 logger = logging.getLogger(__name__)
 
 # DeepSpeed schedules that hold warmup_min_lr for iterations -1 and 0.
@@ -44,7 +46,7 @@ def convert_steps_to_cycles(kind: str | None, params: dict, num_groups: int) -> 
     for key in STEP_PARAMS:
         steps = params.get(key)
         if steps is not None and steps > 0:
-            out[key] = max(1, math.ceil(steps / num_groups))
+            out[key] = steps_to_cycles(steps, num_groups)
             how[key] = f"{steps} steps / {num_groups} per cycle, rounded up = {_cycles(out[key])}"
     warm, total = out.get("warmup_num_steps"), out.get("total_num_steps")
     if isinstance(warm, int) and isinstance(total, int) and warm >= total:

@@ -1,0 +1,74 @@
+"""The Trainer's LR schedule (lr_scheduler_type, warm-up, max_steps) written in HiFT cycles.
+
+The Trainer steps its scheduler after every optimizer step; HiFT's LR moves once per cycle of k
+steps (DESIGN §2). The schedule is therefore built with its lengths converted to cycles and
+wrapped in a ``CycleLRScheduler``; ``get_last_lr`` reports the LR the last optimizer step trained
+with, which is what the Trainer logs as ``learning_rate`` (under DeepSpeed it asks only after the
+engine has already stepped the scheduler).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+import weakref
+
+from hift_ds.optimizer import HiFTOptimizer
+from hift_ds.schedule import CycleLRScheduler, steps_to_cycles
+
+logger = logging.getLogger(__name__)
+
+# lr_scheduler_kwargs counted in optimizer steps (transformers.get_scheduler's WSD and inverse-sqrt options).
+STEP_KWARGS = ("num_decay_steps", "num_stable_steps", "timescale")
+
+
+class TrainerCycleLRScheduler(CycleLRScheduler):
+    """CycleLRScheduler whose ``get_last_lr`` is the LR the last optimizer step trained with."""
+
+    def __init__(self, scheduler, optimizer: HiFTOptimizer):
+        super().__init__(scheduler, optimizer)
+        self._trained_lr: list[float] | None = None
+        me = weakref.ref(self)
+
+        def record(opt, args, kwargs) -> None:
+            sched = me()
+            if sched is not None:
+                sched._trained_lr = [group["lr"] for group in opt.param_groups]
+
+        # A pre-hook sees the LR before anything (the engine's scheduler step) can move it.
+        handle = optimizer.register_step_pre_hook(record)
+        weakref.finalize(self, handle.remove)
+
+    def get_last_lr(self) -> list[float]:
+        """LR of every param group during the last optimizer step (the current LR before the first)."""
+        return list(self._trained_lr) if self._trained_lr is not None else super().get_last_lr()
+
+
+def trainer_schedule_in_cycles(args, optimizer: HiFTOptimizer, num_training_steps: int) -> TrainerCycleLRScheduler:
+    """The schedule TrainingArguments describe, in cycles of ``optimizer.num_groups`` steps, advanced once per cycle."""
+    from transformers import get_scheduler
+
+    k = optimizer.num_groups
+    total = steps_to_cycles(num_training_steps, k)
+    warmup_steps = args.get_warmup_steps(num_training_steps)
+    warmup = steps_to_cycles(warmup_steps, k)
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    for key in STEP_KWARGS:
+        if isinstance(kwargs.get(key), int):
+            kwargs[key] = steps_to_cycles(kwargs[key], k)
+    # The warm-up schedules give step 0 LR 0: one wasted step for the Trainer, a whole cycle (every
+    # group's first update) under HiFT. Cycle c trains at the schedule's step c + 1 instead, one more
+    # step in total keeps the last cycle above 0: what hift_ds.initialize does for DeepSpeed's.
+    shift = 1 if warmup > 0 else 0
+    inner = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
+                          num_training_steps=total + shift, scheduler_specific_kwargs=kwargs)
+    if shift:
+        with warnings.catch_warnings():  # torch warns that the optimizer has not stepped yet: intended
+            warnings.simplefilter("ignore")
+            inner.step()
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("HiFT: %s LR schedule advances once per cycle of %d steps: %d steps -> %d cycles, warm-up "
+                    "%d steps -> %d cycles%s", getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), k,
+                    num_training_steps, total, warmup_steps, warmup,
+                    " (cycle c trains at the schedule's step c + 1)" if shift else "")
+    return TrainerCycleLRScheduler(inner, optimizer)
