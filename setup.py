@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+HF_EXTRA = ["accelerate>=1.15", "trl>=1.16", "datasets>=5.2"]
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "hift_ds" / "__init__.py").read_text()).group(1)
 
 setup(
@@ -41,7 +42,9 @@ setup(
         "badam",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # hift_ds.hf: HiFT inside the Hugging Face Trainer and TRL's SFTTrainer (versions tested here)
+        "hf": HF_EXTRA,
+        "test": ["pytest>=8", *HF_EXTRA, "peft>=0.21"],
         # the torchao-offload set-ups of the benchmarks (CUDA only; no runtime dependencies of its own)
         "bench": ["torchao"],
     },

@@ -1,7 +1,7 @@
 """One HiFT Trainer job on a tiny Llama: imported by test_hf*.py, and run by torchrun for the multi-process tests.
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/_hf_worker.py OUT.pt [--deepspeed CFG] [--batch B]``
-trains and saves rank 0's log and final weights to OUT.pt.
+trains and saves each rank's log and final weights to OUT.pt.rank<r>.
 """
 import argparse
 import os
@@ -64,7 +64,7 @@ def run(out_dir: str, steps: int = 10, batch: int = 4, hift: dict | None = None,
 
 
 def main() -> None:
-    """torchrun entry point: one job, rank 0 saves its result."""
+    """torchrun entry point: one job, every rank saves its result."""
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--deepspeed", default=None)
@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     opts = parser.parse_args()
     result = run(os.path.dirname(opts.out), steps=opts.steps, batch=opts.batch, deepspeed=opts.deepspeed)
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({k: v for k, v in result.items() if k != "trainer"}, opts.out)
+    rank = torch.distributed.get_rank()
+    torch.save({k: v for k, v in result.items() if k != "trainer"}, f"{opts.out}.rank{rank}")
     torch.distributed.destroy_process_group()
 
 

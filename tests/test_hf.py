@@ -126,3 +126,15 @@ def test_save_model_and_evaluate_as_without_hift(tmp_path):
     metrics = trainer.evaluate(W.CountingData(n=8))
     plain = transformers.Trainer(model=loaded, args=trainer.args)
     assert metrics["eval_loss"] == pytest.approx(plain.evaluate(W.CountingData(n=8))["eval_loss"], rel=1e-6)
+
+
+def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    snippet = readme.split("### With the Hugging Face Trainer")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    ns = {"model": tiny_llama(), "training_args": args, "train_dataset": W.CountingData()}
+    exec(snippet, ns)
+    assert ns["trainer"].hift_optimizer.schedule.steps_done == 3 and ns["trainer"].hift_optimizer.store.offload
+    assert os.path.isfile(tmp_path / "out" / "final" / "model.safetensors")
