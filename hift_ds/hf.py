@@ -49,8 +49,13 @@ class HiFTTrainerMixin:
     """Put before a ``transformers.Trainer`` subclass to train with HiFT; ``hift=`` is the "hift" config block."""
 
     def __init__(self, *args, hift: dict | None = None, **kwargs):
+        from transformers import TrainingArguments
+
         given = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
-        check = dict(hift=hift, model=given.get("model"), args=given.get("args"), optimizers=given.get("optimizers"),
+        # A subclass whose __init__ takes (*args, **kwargs) binds its positionals as "args": checked
+        # once the Trainer has parsed them.
+        training_args = given.get("args") if isinstance(given.get("args"), TrainingArguments) else None
+        check = dict(hift=hift, model=given.get("model"), args=training_args, optimizers=given.get("optimizers"),
                      optimizer_cls_and_kwargs=given.get("optimizer_cls_and_kwargs"),
                      peft_config=given.get("peft_config"))
         check_trainer_inputs(**check)
@@ -116,7 +121,7 @@ class HiFTTrainerMixin:
             return super().train(*args, **kwargs)
         ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         add_optimizer_block(ds_config, self.args)
-        with hift_engine_for(self.model, self._hift_block, ds_config):
+        with hift_engine_for(self, self._hift_block, ds_config):
             return super().train(*args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hift_ds.engine import initialize as hift_initialize
+from hift_ds.hf_checks import check_model
 from hift_ds.hf_schedule import TrainerCycleLRScheduler
 from hift_ds.schedule import CycleLRScheduler
 
@@ -47,8 +48,8 @@ def _engine(hift_block: dict, model, config_params: dict, lr_scheduler: Any = No
 
 
 @contextlib.contextmanager
-def hift_engine_for(model, hift_block: dict, ds_config: dict) -> Iterator[None]:
-    """While open, ``deepspeed.initialize(model=model, ...)`` builds a HiFT engine (other calls are untouched)."""
+def hift_engine_for(trainer, hift_block: dict, ds_config: dict) -> Iterator[None]:
+    """While open, ``deepspeed.initialize(model=trainer.model, ...)`` builds a HiFT engine (other calls are untouched)."""
     import deepspeed
 
     # accelerate treats every "auto" value in the config as its own to fill and fails on the HiFT
@@ -60,10 +61,12 @@ def hift_engine_for(model, hift_block: dict, ds_config: dict) -> Iterator[None]:
     def initialize(*args, **kwargs):
         nonlocal building
         # hift_ds.initialize calls deepspeed.initialize itself: that inner call must reach DeepSpeed.
-        if building or args or kwargs.get("model") is not model:
+        # trainer.model, read now: model_init replaces the model inside train().
+        if building or args or kwargs.get("model") is not trainer.model:
             return original(*args, **kwargs)
         building = True
         try:
+            check_model(trainer.model, deepspeed=True)
             return _engine(hift_block, **kwargs)
         finally:
             building = False

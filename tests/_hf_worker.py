@@ -52,8 +52,9 @@ def run(out_dir: str, steps: int = 10, batch: int = 4, hift: dict | None = None,
 
     args = transformers.TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch,
                                           **{**DEFAULTS, **training_args})
-    trainer = HiFTTrainer(model=model if model is not None else tiny_llama(), args=args, callbacks=callbacks,
-                          train_dataset=CountingData(), hift=hift)
+    # model="init": built by the Trainer through model_init (again inside train()).
+    models = dict(model_init=lambda: tiny_llama()) if model == "init" else dict(model=model if model is not None else tiny_llama())
+    trainer = HiFTTrainer(**models, args=args, callbacks=callbacks, train_dataset=CountingData(), hift=hift)
     trainer.train(resume_from_checkpoint=resume)
     steps_logged = [h for h in trainer.state.log_history if "loss" in h]
     return {"loss": {h["step"]: h["loss"] for h in steps_logged},

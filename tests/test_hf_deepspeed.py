@@ -50,8 +50,10 @@ class AfterFirstStep(transformers.TrainerCallback):
 def test_trainer_builds_the_engine_of_hift_ds_initialize(tmp_path, stage):
     steps, peak, warmup = 2 * K, 1e-2, 3
     first = AfterFirstStep()
+    # Stage 0 through model_init: the Trainer replaces the model inside train(), before building the engine.
     got = W.run(str(tmp_path), steps=steps, batch=2, deepspeed=trainer_config(stage), bf16=True, learning_rate=peak,
-                warmup_steps=warmup, train_sampling_strategy="sequential", callbacks=[first])
+                warmup_steps=warmup, train_sampling_strategy="sequential", callbacks=[first],
+                model="init" if stage == 0 else None)
     engine = got["trainer"].model_wrapped
     # HiFT's engine: DeepSpeed at stage 0 with no bf16 wrapper (no fp32 copy of every weight), HiFT's
     # masters in host memory, sharded by HiFT itself at stage 2.
