@@ -1,7 +1,8 @@
 """One HiFT Trainer job on a tiny Llama: imported by test_hf*.py, and run by torchrun for the multi-process tests.
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/_hf_worker.py OUT.pt [--deepspeed CFG] [--batch B]``
-trains and saves each rank's log and final weights to OUT.pt.rank<r>.
+trains and saves each rank's log and final weights to OUT.pt.rank<r>, then the final weights of a
+short bf16 job that starts from a different initialisation on each rank.
 """
 import argparse
 import os
@@ -72,9 +73,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     opts = parser.parse_args()
-    result = run(os.path.dirname(opts.out), steps=opts.steps, batch=opts.batch, deepspeed=opts.deepspeed)
-    rank = torch.distributed.get_rank()
-    torch.save({k: v for k, v in result.items() if k != "trainer"}, f"{opts.out}.rank{rank}")
+    out_dir, rank = os.path.dirname(opts.out), int(os.environ["RANK"])
+    result = run(out_dir, steps=opts.steps, batch=opts.batch, deepspeed=opts.deepspeed)
+    result = {k: v for k, v in result.items() if k != "trainer"}
+    # Then one cycle in bf16 (fp32 masters in HiFT's store) from a different initialisation on each
+    # rank: rank 0's weights must reach every rank's weights and masters before the first update.
+    reset_accelerate()
+    model = tiny_llama(seed=rank, dtype=torch.bfloat16)
+    hift = None if opts.deepspeed else {"offload": {"device": "cpu"}}  # the DeepSpeed config has its block
+    result["bf16_weights"] = run(out_dir, steps=5, batch=opts.batch, deepspeed=opts.deepspeed, model=model,
+                                 hift=hift, bf16=True)["weights"]
+    torch.save(result, f"{opts.out}.rank{rank}")
     torch.distributed.destroy_process_group()
 
 

@@ -55,3 +55,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatc
     assert ranks[0]["lr"] == one["lr"]
     changed = [n for n, w in ranks[0]["weights"].items() if not torch.equal(w, W.tiny_llama().state_dict()[n])]
     assert len(changed) == len(ranks[0]["weights"])  # every group trained (and reduced) at least once
+    # bf16 weights from a different seed on each rank: rank 0's reached every rank's weights and fp32
+    # masters before the first update, so every group ends the cycle identical on both ranks.
+    for name, value in ranks[0]["bf16_weights"].items():
+        assert torch.equal(ranks[1]["bf16_weights"][name], value), name
