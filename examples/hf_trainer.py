@@ -8,8 +8,6 @@
 Prints the eval loss and the exact-match rate of greedy completions before and after training,
 and saves the model and tokenizer under --output-dir/final.
 """
-import os
-
 import torch
 import transformers
 
@@ -36,14 +34,7 @@ def main() -> None:
         trainer = HiFTTrainer(model=model, args=training_args, **data,
                               hift={"group_size": args.group_size, "strategy": args.strategy})
 
-    if not args.deepspeed:  # the Trainer evaluates under DeepSpeed only once training has built the engine
-        print(f"before: eval loss {trainer.evaluate()['eval_loss']:.3f}, "
-              f"exact match {common.exact_match(model, tokenizer, held_out):.1%}")
-    result = trainer.train()
-    print(f"after {result.global_step} steps ({result.metrics['train_runtime']:.0f} s): eval loss "
-          f"{trainer.evaluate()['eval_loss']:.3f}, exact match {common.exact_match(trainer.model, tokenizer, held_out):.1%}")
-    trainer.save_model(os.path.join(args.output_dir, "final"))
-    tokenizer.save_pretrained(os.path.join(args.output_dir, "final"))
+    common.train_and_report(trainer, tokenizer, held_out, args)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,9 @@
     python examples/trl_sft.py --deepspeed ds_configs/hf_hift.json
 
 The records become a prompt/completion dataset, so the loss is on the completion only (TRL's
-default). Prints the exact-match rate of greedy completions before and after training and saves
-the model and tokenizer under --output-dir/final.
+default). Prints the eval loss and the exact-match rate of greedy completions before and after
+training, and saves the model and tokenizer under --output-dir/final.
 """
-import os
-
 import datasets
 import torch
 import trl
@@ -41,12 +39,7 @@ def main() -> None:
         trainer = HiFTSFTTrainer(model=model, args=config, **data,
                                  hift={"group_size": args.group_size, "strategy": args.strategy})
 
-    print(f"before: exact match {common.exact_match(model, tokenizer, held_out):.1%}")
-    result = trainer.train()
-    print(f"after {result.global_step} steps ({result.metrics['train_runtime']:.0f} s): eval loss "
-          f"{trainer.evaluate()['eval_loss']:.3f}, exact match {common.exact_match(trainer.model, tokenizer, held_out):.1%}")
-    trainer.save_model(os.path.join(args.output_dir, "final"))
-    tokenizer.save_pretrained(os.path.join(args.output_dir, "final"))
+    common.train_and_report(trainer, tokenizer, held_out, args)
 
 
 if __name__ == "__main__":

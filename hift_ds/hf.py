@@ -59,12 +59,11 @@ class HiFTTrainerMixin:
                      optimizer_cls_and_kwargs=given.get("optimizer_cls_and_kwargs"),
                      peft_config=given.get("peft_config"))
         check_trainer_inputs(**check)
-        self._hift_block: dict = {}
-        self._hift_optimizer: HiFTOptimizer | None = None
         super().__init__(*args, **kwargs)
         # Again on what the Trainer made of them: a model TRL loaded by name, default arguments.
         self.hift_config, self._hift_block = check_trainer_inputs(**{**check, "model": self.model, "args": self.args})
-        if self.args.weight_decay and not self.is_deepspeed_enabled and self.optimizer_cls_and_kwargs is None:
+        if (self.args.weight_decay and not self.is_deepspeed_enabled and self.optimizer_cls_and_kwargs is None
+                and self.is_world_process_zero()):
             logger.warning("HiFT applies weight_decay=%g to every parameter of the active group, biases and norm "
                            "weights included (the Trainer's own AdamW exempts those)", self.args.weight_decay)
 
@@ -72,7 +71,7 @@ class HiFTTrainerMixin:
     @property
     def hift_optimizer(self) -> HiFTOptimizer | None:
         """The HiFTOptimizer once training has built it (also under DeepSpeed)."""
-        return self._hift_optimizer or _hift_of(self.optimizer)
+        return _hift_of(self.optimizer)
 
     def create_optimizer(self, model: nn.Module | None = None):
         """Build the HiFTOptimizer (AdamW from TrainingArguments, or ``optimizer_cls_and_kwargs``)."""
@@ -94,11 +93,11 @@ class HiFTTrainerMixin:
             optimizer, options = "adamw", dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                                eps=args.adam_epsilon, weight_decay=args.weight_decay)
         # max_grad_norm stays the Trainer's: it clips the active group (the only one with gradients).
-        self._hift_optimizer = HiFTOptimizer(self.model, optimizer, **self.hift_config.optimizer_kwargs(), **options)
+        hift = HiFTOptimizer(self.model, optimizer, **self.hift_config.optimizer_kwargs(), **options)
         # device_placement=False: accelerate would round-trip every group's state through the device
         # (all offloaded masters and moments on the GPU at once); the flag stops the Trainer's prepare
         # from wrapping it again.
-        self.optimizer = self.accelerator.prepare_optimizer(self._hift_optimizer, device_placement=False)
+        self.optimizer = self.accelerator.prepare_optimizer(hift, device_placement=False)
         self.optimizer._is_accelerate_prepared = True
         return self.optimizer
 
@@ -128,9 +127,9 @@ class HiFTTrainerMixin:
         """Forward/backward of one micro-batch; in several processes, the active group all-reduced at the boundary."""
         if self.is_deepspeed_enabled:  # the engine reduces (HiFT's ZeRO at stages 1/2)
             return super().training_step(model, inputs, num_items_in_batch)
-        # DDP would reduce only the group that was active when it was built, and fail on the others'
-        # missing gradients: skip it (autocast sits on the inner module's forward) and reduce each
-        # step's active group here.
+        # DDP reduces only the parameters that required grad when it was built, the first group (the
+        # others were measured to drift apart across ranks): skip it (accelerate's autocast sits on the
+        # inner module's forward) and reduce each step's active group here.
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         loss = super().training_step(model, inputs, num_items_in_batch)
