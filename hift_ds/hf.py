@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hift_ds.hf_checks import METRIC_SCHEDULES, check_model, check_trainer_inputs
+from hift_ds.hf_checks import METRIC_SCHEDULES, check_model, check_trainer_inputs, option_value
 from hift_ds.hf_deepspeed import add_optimizer_block, hift_engine_for
 from hift_ds.hf_schedule import TrainerCycleLRScheduler, trainer_schedule_in_cycles
 from hift_ds.optimizer import HiFTOptimizer
@@ -106,8 +106,7 @@ class HiFTTrainerMixin:
         if self.lr_scheduler is not None:
             return self.lr_scheduler
         hift = _hift_of(optimizer if optimizer is not None else self.optimizer)
-        if hift is None or getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type) in \
-                METRIC_SCHEDULES:
+        if hift is None or option_value(self.args.lr_scheduler_type) in METRIC_SCHEDULES:
             return super().create_scheduler(num_training_steps, optimizer)  # stepped on metrics, not per step
         self.lr_scheduler = trainer_schedule_in_cycles(self.args, hift, num_training_steps)
         self._created_lr_scheduler = True  # the Trainer rebuilds it on the next train(), as its own
@@ -171,7 +170,8 @@ def with_hift(trainer_cls: type) -> type:
     if issubclass(trainer_cls, HiFTTrainerMixin):
         return trainer_cls
     doc = f"{trainer_cls.__name__} training with HiFT: the same arguments plus ``hift={{...}}``."
-    return type(f"HiFT{trainer_cls.__name__}", (HiFTTrainerMixin, trainer_cls), {"__module__": __name__, "__doc__": doc})
+    return type(f"HiFT{trainer_cls.__name__}", (HiFTTrainerMixin, trainer_cls),
+                {"__module__": __name__, "__doc__": doc})
 
 
 def __getattr__(name: str) -> type:

@@ -24,7 +24,8 @@ ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
 
 
-def _name(value: Any) -> str:
+def option_value(value: Any) -> str:
+    """A TrainingArguments choice (an enum member or a string) as its string value."""
     return str(getattr(value, "value", value))
 
 
@@ -59,7 +60,7 @@ def check_training_arguments(args: Any, optimizer_cls_and_kwargs: Any) -> dict |
     """Refuse TrainingArguments that conflict with HiFT; the DeepSpeed config (or None) once checked."""
     if args is None:
         return None
-    optim = _name(args.optim)
+    optim = option_value(args.optim)
     if optim not in ADAMW_OPTIMS:
         raise ValueError(f"optim={optim!r} is set, but HiFT builds its own optimizer (AdamW from learning_rate, "
                          "adam_beta1/2, adam_epsilon, weight_decay); remove optim=, or pass optimizer_cls_and_kwargs="
@@ -89,10 +90,10 @@ def check_training_arguments(args: Any, optimizer_cls_and_kwargs: Any) -> dict |
     if optimizer_cls_and_kwargs is not None:
         raise ValueError("optimizer_cls_and_kwargs= is set together with deepspeed=; with DeepSpeed the optimizer "
                          'comes from the config\'s "optimizer" block (Adam, AdamW, SGD, Adagrad): set it there')
-    if _name(args.lr_scheduler_type) in METRIC_SCHEDULES:
-        raise ValueError(f"lr_scheduler_type={_name(args.lr_scheduler_type)!r} steps on evaluation metrics, which "
-                         "the DeepSpeed engine cannot do; use a step-based schedule (linear, cosine, ...) or run "
-                         "without deepspeed=")
+    schedule = option_value(args.lr_scheduler_type)
+    if schedule in METRIC_SCHEDULES:
+        raise ValueError(f"lr_scheduler_type={schedule!r} steps on evaluation metrics, which the DeepSpeed engine "
+                         "cannot do; use a step-based schedule (linear, cosine, ...) or run without deepspeed=")
     if "optimizer" in ds_config:
         _optimizer_from_config(ds_config["optimizer"])
     return ds_config

@@ -49,7 +49,7 @@ def _engine(hift_block: dict, model, config_params: dict, lr_scheduler: Any = No
 
 @contextlib.contextmanager
 def hift_engine_for(trainer, hift_block: dict, ds_config: dict) -> Iterator[None]:
-    """While open, ``deepspeed.initialize(model=trainer.model, ...)`` builds a HiFT engine (other calls are untouched)."""
+    """While open, ``deepspeed.initialize(model=trainer.model, ...)`` builds a HiFT engine; other calls pass through."""
     import deepspeed
 
     # accelerate treats every "auto" value in the config as its own to fill and fails on the HiFT

@@ -13,6 +13,7 @@ import os
 import warnings
 import weakref
 
+from hift_ds.hf_checks import option_value
 from hift_ds.optimizer import HiFTOptimizer
 from hift_ds.schedule import CycleLRScheduler, steps_to_cycles
 
@@ -68,7 +69,7 @@ def trainer_schedule_in_cycles(args, optimizer: HiFTOptimizer, num_training_step
             inner.step()
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("HiFT: %s LR schedule advances once per cycle of %d steps: %d steps -> %d cycles, warm-up "
-                    "%d steps -> %d cycles%s", getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), k,
+                    "%d steps -> %d cycles%s", option_value(args.lr_scheduler_type), k,
                     num_training_steps, total, warmup_steps, warmup,
                     " (cycle c trains at the schedule's step c + 1)" if shift else "")
     return TrainerCycleLRScheduler(inner, optimizer)

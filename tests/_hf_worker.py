@@ -1,8 +1,8 @@
 """One HiFT Trainer job on a tiny Llama: imported by test_hf*.py, and run by torchrun for the multi-process tests.
 
-``python -m torch.distributed.run --nproc_per_node 2 tests/_hf_worker.py OUT.pt [--deepspeed CFG] [--batch B]``
-trains and saves each rank's log and final weights to OUT.pt.rank<r>, then the final weights of a
-short bf16 job that starts from a different initialisation on each rank.
+``python -m torch.distributed.run --nproc_per_node 2 tests/_hf_worker.py OUT.pt [--deepspeed none CFG ...]``
+runs, for each config in turn, a job and then a short bf16 job that starts from a different
+initialisation on each rank, and saves each rank's logs and final weights to OUT.pt.rank<r>.
 """
 import argparse
 import os
@@ -54,7 +54,8 @@ def run(out_dir: str, steps: int = 10, batch: int = 4, hift: dict | None = None,
     args = transformers.TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch,
                                           **{**DEFAULTS, **training_args})
     # model="init": built by the Trainer through model_init (again inside train()).
-    models = dict(model_init=lambda: tiny_llama()) if model == "init" else dict(model=model if model is not None else tiny_llama())
+    models = dict(model_init=lambda: tiny_llama()) if model == "init" else dict(
+        model=model if model is not None else tiny_llama())
     trainer = HiFTTrainer(**models, args=args, callbacks=callbacks, train_dataset=CountingData(), hift=hift)
     trainer.train(resume_from_checkpoint=resume)
     steps_logged = [h for h in trainer.state.log_history if "loss" in h]
@@ -66,26 +67,29 @@ def run(out_dir: str, steps: int = 10, batch: int = 4, hift: dict | None = None,
 
 
 def main() -> None:
-    """torchrun entry point: one job, every rank saves its result."""
+    """torchrun entry point: the jobs of each --deepspeed config (or none), every rank saves its results."""
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--deepspeed", default=None)
+    parser.add_argument("--deepspeed", nargs="+", default=["none"], help="configs to run in turn; none: no DeepSpeed")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     opts = parser.parse_args()
     out_dir, rank = os.path.dirname(opts.out), int(os.environ["RANK"])
-    result = run(out_dir, steps=opts.steps, batch=opts.batch, deepspeed=opts.deepspeed)
-    result = {k: v for k, v in result.items() if k != "trainer"}
-    # Then one cycle in bf16 (fp32 masters in HiFT's store) from a different initialisation on each
-    # rank: rank 0's weights must reach every rank's weights and masters before the first update.
-    reset_accelerate()
-    model = tiny_llama(seed=rank, dtype=torch.bfloat16)
-    hift = None if opts.deepspeed else {"offload": {"device": "cpu"}}  # the DeepSpeed config has its block
-    result["bf16_weights"] = run(out_dir, steps=5, batch=opts.batch, deepspeed=opts.deepspeed, model=model,
-                                 hift=hift, bf16=True)["weights"]
-    torch.save(result, f"{opts.out}.rank{rank}")
+    results = {}
+    for name in opts.deepspeed:
+        config = None if name == "none" else name
+        reset_accelerate()
+        result = run(out_dir, steps=opts.steps, batch=opts.batch, deepspeed=config)
+        result = {k: v for k, v in result.items() if k != "trainer"}
+        # Then one cycle in bf16 (fp32 masters in HiFT's store) from a different initialisation on
+        # each rank: rank 0's weights must reach every rank's weights and masters before the first update.
+        reset_accelerate()
+        hift = None if config else {"offload": {"device": "cpu"}}  # a DeepSpeed config has its own block
+        result["bf16_weights"] = run(out_dir, steps=5, batch=opts.batch, deepspeed=config, hift=hift, bf16=True,
+                                     model=tiny_llama(seed=rank, dtype=torch.bfloat16))["weights"]
+        results[name] = result
+    torch.save(results, f"{opts.out}.rank{rank}")
     torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

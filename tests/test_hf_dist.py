@@ -14,6 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEPS = 10  # two cycles of the 5 groups
+CONFIGS = [None, "hf_hift_zero2.json"]  # without DeepSpeed, and with it
 
 
 @pytest.fixture(autouse=True)
@@ -23,29 +24,34 @@ def fresh_accelerate_state():
     W.reset_accelerate()
 
 
-def two_processes(out: str, deepspeed: str | None) -> list[dict]:
-    """Run the worker on 2 gloo ranks, 2 samples each per step; every rank's result."""
+def config(name: str | None) -> str | None:
+    return os.path.join(ROOT, "ds_configs", name) if name else None
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict]:
+    """One torchrun of 2 gloo ranks, 2 samples each per step, running every config in turn; each rank's results."""
+    out = str(tmp_path_factory.mktemp("hf_dist") / "two.pt")
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.join(HERE, "_hf_worker.py"),
-           out, "--batch", "2", "--steps", str(STEPS)] + (["--deepspeed", deepspeed] if deepspeed else [])
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+           out, "--batch", "2", "--steps", str(STEPS), "--deepspeed", *(config(c) or "none" for c in CONFIGS)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("deepspeed", [None, "hf_hift_zero2.json"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatch, deepspeed):
-    config = os.path.join(ROOT, "ds_configs", deepspeed) if deepspeed else None
-    ranks = two_processes(str(tmp_path / "two.pt"), config)
+@pytest.mark.parametrize("deepspeed", CONFIGS)
+def test_two_processes_match_one_with_the_same_global_batch(two_processes, tmp_path, monkeypatch, deepspeed):
+    ranks = [r[config(deepspeed) or "none"] for r in two_processes]
     if deepspeed:  # one DeepSpeed rank in this process
         for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
             monkeypatch.setenv(key, value)
         if not torch.distributed.is_initialized():
             monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    one = W.run(str(tmp_path / "one"), steps=STEPS, batch=4, deepspeed=config)
+    one = W.run(str(tmp_path / "one"), steps=STEPS, batch=4, deepspeed=config(deepspeed))
     # Every step's active group was reduced: the ranks hold the same weights, those of one process (up to
     # the order of float sums, amplified by Adam where a gradient is near 0: a missed reduction is ~lr = 1e-2).
     for name, value in ranks[0]["weights"].items():
