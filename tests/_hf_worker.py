@@ -5,8 +5,10 @@ runs, for each config in turn, a job and then a short bf16 job that starts from 
 initialisation on each rank, and saves each rank's logs and final weights to OUT.pt.rank<r>.
 """
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -44,6 +46,19 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(True)
     unset_hf_deepspeed_config()
+
+
+@contextlib.contextmanager
+def isolated_accelerate() -> Iterator[None]:
+    """accelerate's state and the variables it sets (ACCELERATE_USE_DEEPSPEED, OMP_NUM_THREADS) undone afterwards."""
+    env = dict(os.environ)
+    reset_accelerate()
+    try:
+        yield
+    finally:
+        reset_accelerate()
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def run(out_dir: str, steps: int = 10, batch: int = 4, hift: dict | None = None, model=None, resume=None,

@@ -19,9 +19,8 @@ K = 5  # a 3-layer tiny Llama has 5 units: one group each with group_size 1
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    W.reset_accelerate()
-    yield
-    W.reset_accelerate()
+    with W.isolated_accelerate():
+        yield
 
 
 def linear_lr_with_warmup(step: int, peak: float, steps: int, warmup_steps: int) -> float:

@@ -21,9 +21,8 @@ pytestmark = pytest.mark.usefixtures("single_rank_env")  # the DeepSpeed cases b
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    W.reset_accelerate()
-    yield
-    W.reset_accelerate()
+    with W.isolated_accelerate():
+        yield
 
 
 def ds(**changes) -> dict:

@@ -22,9 +22,8 @@ pytestmark = pytest.mark.usefixtures("single_rank_env")
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    W.reset_accelerate()
-    yield
-    W.reset_accelerate()
+    with W.isolated_accelerate():
+        yield
 
 
 def trainer_config(stage: int) -> dict:

@@ -19,9 +19,8 @@ CONFIGS = [None, "hf_hift_zero2.json"]  # without DeepSpeed, and with it
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    W.reset_accelerate()
-    yield
-    W.reset_accelerate()
+    with W.isolated_accelerate():
+        yield
 
 
 def config(name: str | None) -> str | None:

@@ -14,9 +14,8 @@ datasets = pytest.importorskip("datasets")
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    W.reset_accelerate()
-    yield
-    W.reset_accelerate()
+    with W.isolated_accelerate():
+        yield
 
 
 def test_sft_trainer_trains_with_hift_on_instruction_data(tmp_path):
