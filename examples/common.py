@@ -33,7 +33,7 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--group-size", type=int, default=1, help="units per HiFT group")
     p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default="bottom2up")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. ds_configs/hf_hift.json")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. ds_configs/trainer/hift.json")
     p.add_argument("--bf16", action="store_true", help="bf16 (with HiFT: bf16 weights, fp32 masters in HiFT)")
     p.add_argument("--output-dir", default="runs/hf_example")
     p.add_argument("--seed", type=int, default=0)

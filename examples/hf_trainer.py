@@ -3,7 +3,7 @@
     python examples/hf_trainer.py                      # HiFT, CPU, a few minutes (defaults: see common.py)
     python examples/hf_trainer.py --mode fpft          # the same job with the plain Trainer
     torchrun --nproc_per_node 2 examples/hf_trainer.py # several processes (DDP; HiFT reduces the active group)
-    python examples/hf_trainer.py --deepspeed ds_configs/hf_hift.json   # through hift_ds.initialize's engine
+    python examples/hf_trainer.py --deepspeed ds_configs/trainer/hift.json   # through hift_ds.initialize's engine
 
 Prints the eval loss and the exact-match rate of greedy completions before and after training,
 and saves the model and tokenizer under --output-dir/final.

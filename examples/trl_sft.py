@@ -3,7 +3,7 @@
     python examples/trl_sft.py                         # HiFT, CPU, a few minutes (defaults: see common.py)
     python examples/trl_sft.py --mode fpft             # the same job with the plain SFTTrainer
     torchrun --nproc_per_node 2 examples/trl_sft.py    # several processes
-    python examples/trl_sft.py --deepspeed ds_configs/hf_hift.json
+    python examples/trl_sft.py --deepspeed ds_configs/trainer/hift.json
 
 The records become a prompt/completion dataset, so the loss is on the completion only (TRL's
 default). Prints the eval loss and the exact-match rate of greedy completions before and after

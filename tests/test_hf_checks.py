@@ -26,8 +26,8 @@ def fresh_accelerate_state():
 
 
 def ds(**changes) -> dict:
-    """ds_configs/hf_hift.json with top-level keys replaced."""
-    with open(os.path.join(ROOT, "ds_configs", "hf_hift.json")) as f:
+    """ds_configs/trainer/hift.json with top-level keys replaced."""
+    with open(os.path.join(ROOT, "ds_configs", "trainer/hift.json")) as f:
         return {**json.load(f), **changes}
 
 

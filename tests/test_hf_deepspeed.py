@@ -28,7 +28,7 @@ def fresh_accelerate_state():
 
 def trainer_config(stage: int) -> dict:
     """The shipped Trainer config (every size "auto"), with a DeepSpeed scheduler block and the given stage."""
-    with open(os.path.join(ROOT, "ds_configs", "hf_hift.json")) as f:
+    with open(os.path.join(ROOT, "ds_configs", "trainer/hift.json")) as f:
         cfg = json.load(f)
     cfg["zero_optimization"] = {"stage": stage, "reduce_bucket_size": 1000}  # several ZeRO-2 buckets per group
     cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",

@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEPS = 10  # two cycles of the 5 groups
-CONFIGS = [None, "hf_hift_zero2.json"]  # without DeepSpeed, and with it
+CONFIGS = [None, "trainer/hift_zero2.json"]  # without DeepSpeed, and with it
 
 
 @pytest.fixture(autouse=True)

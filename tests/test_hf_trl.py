@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _hf_worker as W  # noqa: E402
@@ -22,6 +23,7 @@ def test_sft_trainer_trains_with_hift_on_instruction_data(tmp_path):
     from hift_ds import HiFTOptimizer
     from hift_ds.hf import HiFTSFTTrainer
 
+    torch.manual_seed(0)  # make_causal_lm initialises from the global generator
     model_dir = make_causal_lm(str(tmp_path / "model"))  # 2 layers: 4 units, 4 groups
     data = datasets.Dataset.from_list([{"prompt": f"the movie was {w}", "completion": f" {w} {w} {w}"}
                                        for w in WORDS[:10]] * 4)
