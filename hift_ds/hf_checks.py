@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hift_ds.config import HiFTConfig, parse_hift_config
-from hift_ds.engine import _optimizer_from_config  # the "optimizer" block rules of hift_ds.initialize
+from hift_ds.engine import optimizer_from_config  # the "optimizer" block rules of hift_ds.initialize
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def check_training_arguments(args: Any, optimizer_cls_and_kwargs: Any) -> dict |
         raise ValueError(f"lr_scheduler_type={schedule!r} steps on evaluation metrics, which the DeepSpeed engine "
                          "cannot do; use a step-based schedule (linear, cosine, ...) or run without deepspeed=")
     if "optimizer" in ds_config:
-        _optimizer_from_config(ds_config["optimizer"])
+        optimizer_from_config(ds_config["optimizer"])
     return ds_config
 
 
