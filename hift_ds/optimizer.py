@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import numbers
 import weakref
-from collections.abc import Iterable
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from hift_ds import kernels
+from hift_ds.hyperparams import builtin_hyper, resolve_optimizer
 from hift_ds.offload import MASTER, GroupStore, first_module_of, start_copy_outs_before
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
@@ -27,8 +25,6 @@ from hift_ds.units import HIFT_FROZEN, Unit, discover_units, group_units, units_
 
 logger = logging.getLogger(__name__)
 
-_BUILTIN_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd",
-                    torch.optim.Adagrad: "adagrad"}
 OFFLOAD_DEVICES = ("auto", "none", "cpu")
 
 
@@ -41,54 +37,11 @@ def resolve_offload(offload: str, device: torch.device, builtin: bool) -> str:
     return "cpu" if torch.device(device).type == "cuda" and builtin else "none"
 
 
-def _resolve_optimizer(optimizer: str | type) -> tuple[str | None, type | None]:
-    if isinstance(optimizer, str):
-        name = optimizer.lower()
-        if name not in kernels.DEFAULTS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(kernels.DEFAULTS)} "
-                             "or pass a torch.optim.Optimizer subclass")
-        return name, None
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        return _BUILTIN_CLASSES.get(optimizer), optimizer
-    raise TypeError(f"optimizer must be a name or a torch.optim.Optimizer subclass, got {optimizer!r}")
-
-
-def _number(v) -> float | None:
-    # What torch.optim accepts: Python and numpy scalars, 0-d tensors; None for anything else.
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
-    return None
-
-
-def _builtin_hyper(name: str, kwargs: dict) -> dict:
-    defaults = kernels.DEFAULTS[name]
-    unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
-        raise TypeError(f"unknown {name} option(s) {unknown}; valid options: {sorted(defaults)}")
-    hyper = {**defaults, **kwargs}
-    for key, value in hyper.items():
-        if key == "betas":
-            betas = [_number(b) for b in value] if isinstance(value, Iterable) and not isinstance(value, str) else []
-            if len(betas) != 2 or not all(b is not None and 0 <= b < 1 for b in betas):
-                raise ValueError(f"{name} betas must be two numbers in [0, 1), got {value!r}")
-            hyper["betas"] = tuple(betas)
-        elif isinstance(defaults[key], bool):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} {key} must be true or false, got {value!r}")
-        else:
-            number = _number(value)
-            if number is None or number < 0:
-                raise ValueError(f"{name} {key} must be a finite number >= 0, got {value!r}")
-            hyper[key] = number
-    if name == "sgd" and hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
-        raise ValueError("sgd nesterov=True needs momentum > 0 and dampening == 0")
-    return hyper
-
-
 class HiFTOptimizer(torch.optim.Optimizer):
     """Hierarchical full-parameter fine-tuning: one group of units trained per optimizer step."""
+
+    _ZERO_STAGES = (0, 1, 2)
+    _gathers_weights = True  # ZeRO-1/2 all-gather the updated shard; ZeRO-3 (zero3.py) updates DeepSpeed's partition
 
     def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int = 1,
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
@@ -103,9 +56,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"set either group_size ({group_size}) or num_groups ({num_groups}), not both")
         if offload not in OFFLOAD_DEVICES:
             raise ValueError(f"offload device {offload!r} is not one of {OFFLOAD_DEVICES}")
-        if zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage={zero_stage!r}: HiFT supports ZeRO stages 0, 1 and 2")
-        self.name, self._inner_cls = _resolve_optimizer(optimizer)
+        if zero_stage not in self._ZERO_STAGES:
+            raise ValueError(f"zero_stage={zero_stage!r}: HiFTOptimizer supports ZeRO stages 0, 1 and 2; stage 3 "
+                             "partitions the model with DeepSpeed: use hift_ds.initialize with "
+                             '"zero_optimization": {"stage": 3}')
+        self.name, self._inner_cls = resolve_optimizer(optimizer)
         if zero_stage and self.name is None:
             raise ValueError(f"ZeRO stage {zero_stage} needs a built-in optimizer ({sorted(kernels.DEFAULTS)})")
         self.zero_stage = zero_stage
@@ -142,15 +97,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.overflow = False  # read by DeepSpeed after each step
 
         if self.name is not None:
-            hyper = _builtin_hyper(self.name, optimizer_kwargs)
+            hyper = builtin_hyper(self.name, optimizer_kwargs)
             self.backend = kernels.resolve_backend(kernel, self.device)
             super().__init__([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)], hyper)
             self._flat = self.backend == "triton" or self._comm is not None
             numels = [sum(p.numel() for p in ps) for ps in self._params]
-            buckets = reduce_bucket_size if self._overlap else None
-            self._layouts = [ShardLayout(n, world, self._comm.rank, buckets) for n in numels] if self._comm else []
-            sizes = [lay.padded for lay in self._layouts] or numels
-            self._weights = [self._flatten_weights(ps, n) for ps, n in zip(self._params, sizes)] if self._flat else []
+            self._layouts, self._weights = self._layout_groups(numels, world,
+                                                               reduce_bucket_size if self._overlap else None)
             if self._flat and self.device.type == "cuda":
                 # The per-parameter storages the flat buffers replaced stay reserved by the caching
                 # allocator, and no later allocation (a group-sized buffer, activations) fits their
@@ -186,13 +139,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._offset = {id(p): off for ps in self._params
                         for p, off in zip(ps, itertools.accumulate([0] + [q.numel() for q in ps]))}
         if self._flat:
-            self._grad_buf = torch.zeros(max(w.numel() for w in self._weights), dtype=self.model_dtype,
+            self._grad_buf = torch.zeros(max([lay.padded for lay in self._layouts] or
+                                             [w.numel() for w in self._weights]), dtype=self.model_dtype,
                                          device=self.device)
             if self._comm is not None:
-                # This rank's summed gradient and updated weights, one shard of a group each.
+                # This rank's summed gradient and (ZeRO-1/2) updated weights, one shard of a group each.
                 shard = max(lay.shard_numel for lay in self._layouts)
                 self._grad_shard = torch.zeros(shard, dtype=self.model_dtype, device=self.device)
-                self._weight_shard = torch.zeros(shard, dtype=self.model_dtype, device=self.device)
+                if self._gathers_weights:
+                    self._weight_shard = torch.zeros(shard, dtype=self.model_dtype, device=self.device)
                 self._reducer = GradReducer(self._comm, self._params, self._layouts, self._grad_buf,
                                             self._grad_shard)
             # The model outlives the optimizer (re-wrapping it is allowed): a hook holding a bound
@@ -276,6 +231,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return [u.name for u in self._unit_groups[i]]
 
     # ---- activation --------------------------------------------------------------------------
+    def _layout_groups(self, numels: list[int], world: int,
+                       bucket_numel: int | None) -> tuple[list[ShardLayout], list[Tensor]]:
+        """ZeRO-1/2 shard layouts and, on the fused path, each group's weights flattened into one buffer."""
+        layouts = [ShardLayout(n, world, self._comm.rank, bucket_numel) for n in numels] if self._comm else []
+        sizes = [lay.padded for lay in layouts] or numels
+        return layouts, [self._flatten_weights(ps, n) for ps, n in zip(self._params, sizes)] if self._flat else []
+
     @staticmethod
     def _flatten_weights(params: list[nn.Parameter], size: int) -> Tensor:
         n = sum(p.numel() for p in params)
@@ -445,11 +407,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return float(t)
 
     def _update_shard(self, g: int, grad: Tensor, inv_scale: float) -> None:
-        """ZeRO-1/2: update this rank's shard of group ``g``, then all-gather the new weights."""
-        lay = self._layouts[g]
-        weight = self._weight_shard[:lay.shard_numel]
-        if not self.masters:  # fp32: the weights themselves are what the update reads
-            weight.view(lay.buckets, lay.chunk).copy_(lay.shard_view(self._weights[g]))
+        """ZeRO: update this rank's shard of group ``g``, then publish the new weights."""
+        weight = self._shard_target(g)
         bufs = self.store.acquire(g)
         step = self._steps[g][0] + 1  # a shard spans parameters, which all advance together here
         self._steps[g] = [step] * len(self._steps[g])
@@ -465,8 +424,27 @@ class HiFTOptimizer(torch.optim.Optimizer):
                              inv_scale=inv_scale, flat=flat,
                              model_params=[weight] if MASTER in bufs and flat is None else None)
         self.store.release(g)
+        self._publish(g, weight)
+
+    def _shard_target(self, g: int) -> Tensor:
+        """The weights of this rank's shard that the update writes (and, in fp32, reads): a scratch shard."""
+        lay = self._layouts[g]
+        weight = self._weight_shard[:lay.shard_numel]
+        if not self.masters:  # fp32: the weights themselves are what the update reads
+            weight.view(lay.buckets, lay.chunk).copy_(lay.shard_view(self._weights[g]))
+        return weight
+
+    def _publish(self, g: int, weight: Tensor) -> None:
+        """All-gather every rank's updated shard into the group's weights."""
+        lay = self._layouts[g]
         for b in range(lay.buckets):
             self._comm.all_gather(self._weights[g][lay.bucket(b)], weight[lay.shard_chunk(b)])
+
+    def _load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
+        """Model weights of group ``g`` from a checkpoint's masters (fp32 weights come with the module)."""
+        if MASTER in saved and self.masters:
+            for p, m in zip(self._params[g], self._split(g, saved[MASTER].to(self.device))):
+                p.data.copy_(m)
 
     def _split(self, g: int, flat: Tensor) -> list[Tensor]:
         out, off = [], 0
@@ -522,9 +500,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                                          "other optimizer settings (e.g. amsgrad, momentum or precision)")
                     full = saved[k].reshape(-1)
                     buf.copy_(self._layouts[g].shard_of(full) if self._comm is not None else full)
-                if MASTER in saved and self.masters:
-                    for p, m in zip(self._params[g], self._split(g, saved[MASTER].to(self.device))):
-                        p.data.copy_(m)
+                self._load_weights(g, saved)
         self._steps = [list(s) for s in meta["steps"]]
         self.skipped_steps = meta["skipped_steps"]
         self.schedule.load_state_dict(meta["schedule"])

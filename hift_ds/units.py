@@ -23,7 +23,12 @@ class Unit:
     @property
     def numel(self) -> int:
         """Number of scalar parameters in the unit."""
-        return sum(p.numel() for _, p in self.params)
+        return sum(param_numel(p) for _, p in self.params)
+
+
+def param_numel(p: nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
 
 
 HIFT_FROZEN = "_hift_trainable"  # set on parameters HiFT froze, so a new wrapper still trains them
@@ -45,7 +50,7 @@ def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
             continue
         if len({type(c) for c in mod}) != 1:
             continue
-        size = sum(p.numel() for p in mod.parameters())
+        size = sum(param_numel(p) for p in mod.parameters())
         if size:
             stacks.append((size, name, mod))
     if not stacks:

@@ -1,0 +1,61 @@
+"""The optimizer a HiFT run uses: a built-in name or a torch class, and its validated options."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import torch
+
+from hift_ds import kernels
+
+_BUILTIN_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd",
+                    torch.optim.Adagrad: "adagrad"}
+
+
+def resolve_optimizer(optimizer: str | type) -> tuple[str | None, type | None]:
+    """(built-in name or None, torch class or None) for a name or a ``torch.optim.Optimizer`` subclass."""
+    if isinstance(optimizer, str):
+        name = optimizer.lower()
+        if name not in kernels.DEFAULTS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(kernels.DEFAULTS)} "
+                             "or pass a torch.optim.Optimizer subclass")
+        return name, None
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return _BUILTIN_CLASSES.get(optimizer), optimizer
+    raise TypeError(f"optimizer must be a name or a torch.optim.Optimizer subclass, got {optimizer!r}")
+
+
+def _number(v) -> float | None:
+    # What torch.optim accepts: Python and numpy scalars, 0-d tensors; None for anything else.
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def builtin_hyper(name: str, kwargs: dict) -> dict:
+    """The built-in optimizer's defaults updated with ``kwargs``, each value checked."""
+    defaults = kernels.DEFAULTS[name]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown {name} option(s) {unknown}; valid options: {sorted(defaults)}")
+    hyper = {**defaults, **kwargs}
+    for key, value in hyper.items():
+        if key == "betas":
+            betas = [_number(b) for b in value] if isinstance(value, Iterable) and not isinstance(value, str) else []
+            if len(betas) != 2 or not all(b is not None and 0 <= b < 1 for b in betas):
+                raise ValueError(f"{name} betas must be two numbers in [0, 1), got {value!r}")
+            hyper["betas"] = tuple(betas)
+        elif isinstance(defaults[key], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} {key} must be true or false, got {value!r}")
+        else:
+            number = _number(value)
+            if number is None or number < 0:
+                raise ValueError(f"{name} {key} must be a finite number >= 0, got {value!r}")
+            hyper[key] = number
+    if name == "sgd" and hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
+        raise ValueError("sgd nesterov=True needs momentum > 0 and dampening == 0")
+    return hyper
