@@ -3,7 +3,8 @@
 HiFT owns what DeepSpeed would otherwise do for every parameter at once: mixed precision (fp32
 masters per group instead of DeepSpeed's full fp32 copy), loss scaling, gradient clipping and the
 LR schedule (stepped once per cycle). The engine underneath runs ZeRO stage 0, so only the
-active group's gradients are all-reduced.
+active group's gradients are all-reduced; at stages 1-3 HiFT shards them itself (stage 3: over the
+model partitioned by DeepSpeed's ZeRO-3 machinery, ``hift_ds.zero3``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hift_ds import kernels
+from hift_ds import kernels, zero3
 from hift_ds.config import load_ds_config, parse_hift_config
 from hift_ds.optimizer import HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler, cast_parameters
@@ -115,9 +116,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     hift = parse_hift_config(ds_config.pop("hift"))
     zero = ds_config.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(f"zero_optimization.stage={stage} is not supported with the hift block; use 0, 1 or 2 "
-                         "(HiFT shards the active group's masters and state itself at stages 1/2)")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={stage!r} is not one of 0, 1, 2, 3")
+    if stage == 3:
+        zero3.check_zero3_config(zero)
+        partition_config = copy.deepcopy(ds_config)  # zero.Init reads the precision and ZeRO-3 settings from it
     if kwargs.get("mpu") is not None and stage:
         raise ValueError(f"model parallelism (mpu=) is not supported with zero_optimization.stage={stage} under "
                          "HiFT, which shards over the whole world; use stage 0")
@@ -166,13 +169,18 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         # this DeepSpeed would go looking for MPI (and fail on the missing mpi4py).
         single_process_env()
         logger.info("HiFT: no launcher environment (RANK, WORLD_SIZE, ...): running as a single process")
-    model = cast_parameters(model.to(_device()), dtype)
     name, opt_params = optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
-    buckets = {"reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
-               "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}
-    optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
-                              **buckets, **hift.optimizer_kwargs(), **opt_params)
+    sharding = {"reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
+                "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}
+    opt_class = HiFTOptimizer
+    if stage == 3:  # DeepSpeed partitions the model and gathers/releases each module's weights
+        sharding = {"param_fetcher": zero3.partition_model(model, partition_config, dtype, _device())}
+        opt_class = zero3.HiFTZero3Optimizer
+    else:
+        model = cast_parameters(model.to(_device()), dtype)
+    optimizer = opt_class(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
+                          **sharding, **hift.optimizer_kwargs(), **opt_params)
 
     sched_block = ds_config.pop("scheduler", None)
     if sched_block is not None and lr_scheduler is not None:
@@ -196,6 +204,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         engine.enable_backward_allreduce = False  # the optimizer reduce-scatters the active group
     if optimizer.reduces_in_backward:
         _arm_reduction_in_backward(engine, optimizer)
+    if stage == 3:
+        zero3.attach_to_engine(engine, optimizer, zero)
     # DeepSpeed's own zero_grad sets every .grad to None, which would drop the optimizer's views
     # into its flat gradient buffer (the optimizer recovers, but at the cost of a copy).
     engine.zero_grad = lambda: optimizer.zero_grad()
@@ -211,11 +221,25 @@ def _resync_after_partial_loads(engine, optimizer: HiFTOptimizer) -> None:
     signature = inspect.signature(load)
 
     def load_checkpoint(*args, **kwargs):
-        out = load(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        partial = bound.arguments["load_module_only"] or not bound.arguments["load_optimizer_states"]
+        if partial and optimizer.zero_stage == 3:
+            raise ValueError("at ZeRO stage 3 the checkpoint's weights live in the HiFT optimizer state (the module "
+                             "state holds empty partitions), so load_module_only=True / load_optimizer_states=False "
+                             "cannot restore them; load the whole checkpoint, or start from a consolidated 16-bit "
+                             "model (launch/train.py's final/, engine.save_16bit_model)")
+        try:
+            out = load(*args, **kwargs)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            raise ValueError(f"the checkpoint's module weights do not fit this model ({str(e).splitlines()[-1].strip()}"
+                             "); a checkpoint saved at ZeRO stage 3 resumes only at stage 3 (on any number of ranks) "
+                             "and one saved at stage 0/1/2 only at those stages; also check it is the same model") \
+                from None
         loaded = out[0] is not None
-        if loaded and (bound.arguments["load_module_only"] or not bound.arguments["load_optimizer_states"]):
+        if loaded and partial:
             optimizer.sync_masters_from_model()
             # The scheduler may have been restored while the optimizer restarts at cycle 0: it
             # must count cycles from here, or the LR would stay put until the old count is reached.

@@ -110,7 +110,6 @@ def test_checkpoint_from_two_ranks_resumes_on_other_world_sizes(runs, world):
 
 
 @pytest.mark.parametrize("zero, message", [
-    ({"stage": 3}, "stage=3 is not supported with the hift block"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer does not apply to HiFT"),
 ])
 def test_unsupported_zero_settings_are_clear_errors(zero, message, monkeypatch):
