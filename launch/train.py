@@ -165,13 +165,21 @@ def batches_per_epoch(train_size: int, micro: int, world: int) -> int:
     return math.ceil(train_size / world) // micro
 
 
-def load_model(path: str, task: str, num_labels: int):
-    """Tokenizer and model from a HF name or directory, with clear errors for missing weights."""
+def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None = None):
+    """Tokenizer and model from a HF name or directory, with clear errors for missing weights.
+
+    With a ZeRO-3 ``zero3_config`` the model is built inside ``deepspeed.zero.Init`` and its weights
+    loaded partition by partition (transformers does both while an ``HfDeepSpeedConfig`` is alive),
+    so no rank ever holds the whole model.
+    """
     import transformers
 
     if os.path.isdir(path) and not any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path)):
         raise ValueError(f"model directory {path!r} has no weights (*.safetensors or *.bin); point --model at a "
                          "saved model (save_pretrained output) or a hub name")
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+        zero3 = HfDeepSpeedConfig(zero3_config)  # noqa: F841 (transformers holds it by weak reference)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         if task == "classification":
@@ -289,8 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import hift_ds
     from hift_ds import data as D
+    from hift_ds.config import load_ds_config
     from hift_ds.evaluation import evaluate, generate_samples
     from hift_ds.scheduler_config import warmup_held_at_start
+    from hift_ds.zero3 import gathered_state_dict
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
@@ -309,7 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         train_recs, eval_recs = D.split(records, args.eval_fraction, args.seed)
     labels = D.label_set(train_recs) if task == D.CLASSIFICATION else []
-    tok, model = load_model(model_path, task, len(labels))
+    ds_file = load_ds_config(args.deepspeed)
+    zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
+    tok, model = load_model(model_path, task, len(labels), zero3_config=ds_file if zero3 else None)
     if args.gradient_checkpointing:
         from hift_ds.presets import enable_gradient_checkpointing
         enable_gradient_checkpointing(model)
@@ -431,11 +443,13 @@ def main(argv: list[str] | None = None) -> dict:
     samples = generate_samples(engine.module, tok, sample_recs, chat) if sample_recs else []
     for i, sample in enumerate(samples):
         sample["before"] = samples_before[i]["generated"] if samples_before else None
+    # ZeRO-3: every rank holds 1/N of the weights; gather them module by module (all ranks take part).
+    state = gathered_state_dict(engine.module) if zero3 else None
     if rank == 0:
         final = os.path.join(args.output_dir, "final")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp)
+        engine.module.save_pretrained(tmp, state_dict=state)
         tok.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

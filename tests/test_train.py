@@ -309,3 +309,24 @@ def test_a_run_writes_its_mode_directory_and_no_checkpoint_unless_asked(assets, 
     train.main([*common, "--max-steps", "5", "--save-every", "2", "--output-dir", "saved"])
     assert sorted(os.listdir(tmp_path / "saved" / "checkpoints")) == ["latest", "step2", "step4", "step5"]
     assert (tmp_path / "saved" / "checkpoints" / "latest").read_text() == "step5"  # the end of the run, too
+
+
+def test_zero3_run_trains_as_stage0_and_saves_the_whole_model(assets, tmp_path, caplog):
+    """At ZeRO-3 the model is built and loaded under zero.Init, trains as at stage 0 and is saved whole (16-bit)."""
+    import transformers
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "hift_fp32.json")))
+    cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 40}
+    (tmp_path / "z3.json").write_text(json.dumps(cfg))
+    common = ["--model", assets["model"], "--data", assets["data"], "--epochs", "1", "--lr", "1e-2", *FAST]
+    stage0 = train.main([*common, "--output-dir", str(tmp_path / "z0")])
+    with caplog.at_level("INFO", logger="hift_ds.zero3"):
+        stage3 = train.main([*common, "--deepspeed", str(tmp_path / "z3.json"), "--output-dir", str(tmp_path / "z3")])
+    assert "built outside deepspeed.zero.Init" not in caplog.text  # from_pretrained partitioned it as it loaded
+    assert stage3["after"]["eval_loss"] == pytest.approx(stage0["after"]["eval_loss"], abs=1e-4)
+    load = transformers.AutoModelForSequenceClassification.from_pretrained
+    a, b = load(tmp_path / "z0" / "final").state_dict(), load(tmp_path / "z3" / "final").state_dict()
+    initial = load(assets["model"]).state_dict()
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - initial[k]).abs().max()) for k in a) > 1e-2  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
