@@ -264,6 +264,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             p.requires_grad_(False)
             p.grad = None
 
+    def _prepare_step(self, g: int) -> None:
+        """Before group ``g``'s update: its gradients back in the flat buffer (ZeRO-3 releases gathered weights)."""
+        if self._flat:
+            self._adopt_grads(g)
+
     def _adopt_grads(self, g: int) -> None:
         # Something set .grad to None after activation (DeepSpeed's engine.zero_grad, a user's
         # model.zero_grad()), so autograd made fresh tensors: move them into the flat buffer.
@@ -319,8 +324,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 loss = closure()
         g = self.active_group
         params = self._params[g]
-        if self._flat:
-            self._adopt_grads(g)
+        self._prepare_step(g)
         inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
         if self._comm is not None:
             # Sum over ranks lands as this rank's shard (stage 2: mostly during backward already);

@@ -104,6 +104,10 @@ def partition_model(model: nn.Module, config: dict, dtype: torch.dtype, device: 
         raise ValueError(f"the model was partitioned by zero.Init in {', '.join(wrong)}, but the config trains in "
                          f"{dtype}: pass the same DeepSpeed config to zero.Init (config_dict_or_path=) as to "
                          "hift_ds.initialize, so both read the bf16/fp16 setting")
+    wrong_device = sorted({str(p.ds_tensor.device) for p in params if is_partitioned(p) and p.ds_tensor.device != device})
+    if wrong_device:
+        raise ValueError(f"ZeRO-3 partitions are on {wrong_device}, not on {device}; HiFT updates them on the "
+                         "training device: build the model under zero.Init without remote_device")
     previous = getattr(model, _FETCHER, None)
     if previous is not None:  # a second initialize on the same model: one set of hooks only
         previous.destroy()
@@ -118,10 +122,6 @@ def partition_model(model: nn.Module, config: dict, dtype: torch.dtype, device: 
     setattr(model, _FETCHER, fetcher)
     _mark_forward_for_external_parameters(model)
     model.to(device)  # buffers; parameters are empty until gathered, their partitions already on the device
-    wrong_device = sorted({str(p.ds_tensor.device) for p in params if p.ds_tensor.device != device})
-    if wrong_device:
-        raise ValueError(f"ZeRO-3 partitions are on {wrong_device}, not on {device}; HiFT updates them on the "
-                         "training device: build the model under zero.Init without remote_device")
     return fetcher
 
 
@@ -252,9 +252,6 @@ class HiFTZero3Optimizer(HiFTOptimizer):
         if self.prefetch:
             self.store.prefetch(g)
 
-    def _adopt_grads(self, g: int) -> None:
-        pass  # the hook below has moved every gradient into the group buffer; .grad stays None
-
     def _on_grad(self, p: nn.Parameter) -> None:
         # The parameter's full gradient of this backward: into its rows of the group buffer, then
         # freed, so no full-size .grad outlives its backward (gradient accumulation adds up here).
@@ -263,22 +260,19 @@ class HiFTZero3Optimizer(HiFTOptimizer):
         p.grad = None
 
     # ---- the step ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Release gathered weights, update this rank's partition of the active group, rotate."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Weights left gathered by forward/backward would be stale after the update.
+    def _prepare_step(self, g: int) -> None:
+        # Weights left gathered by forward/backward would be stale after the update (DeepSpeed's
+        # stage-3 optimizer releases them first too); the gradients are in the buffer already.
         self.checkpoint_event_prologue()
-        super().step()
-        return loss
 
     def _shard_target(self, g: int) -> Tensor:
         return self._weights[g]  # DeepSpeed's partitions themselves (ds_tensor views)
 
     def _publish(self, g: int, weight: Tensor) -> None:
+        if self.device.type == "cuda":
+            # DeepSpeed all-gathers partitions on its own stream, which does not wait for this one:
+            # the update must have written them before the next forward's hooks read them.
+            torch.cuda.current_stream(self.device).synchronize()
         self._gather_persistent()  # the rest is gathered by DeepSpeed's hooks when the next forward needs it
 
     def _gather_persistent(self) -> None:

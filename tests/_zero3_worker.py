@@ -7,8 +7,8 @@ micro-batches. Phases:
   optimizer state, gathered weights, memory, bytes communicated, frozen partitions untouched);
   world 2 also saves checkpoints mid-run and trains on to the end (the uninterrupted runs);
   world 4 then resumes world 2's checkpoints.
-- ``reference`` (world 1): every case at stage 0 on one rank (the yardstick), the same at stage 3
-  on one rank, and the resume of world 2's checkpoints.
+- ``reference`` (world 1): every case at stage 0 on one rank (the yardstick), and the resume of
+  world 2's checkpoints.
 
 Rank 0 writes the results to OUT/<phase>_w<world>.pt.
 """
@@ -21,6 +21,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 import hift_ds  # noqa: E402
+from _zero_worker import finish, run  # noqa: E402  (run: the same global batch of 8 per step)
 from conftest import batch, tiny_llama  # noqa: E402
 from hift_ds.zero3 import gathered_state_dict  # noqa: E402
 
@@ -51,15 +52,6 @@ def engine_for(case: str, stage: int, world: int):
     model = tiny_llama()
     engine, optimizer, _, _ = hift_ds.initialize(model=model, config=cfg)
     return model, engine, optimizer
-
-
-def run(engine, rank: int, world: int, start: int, stop: int) -> None:
-    gas, per_rank = engine.gradient_accumulation_steps(), 8 // world
-    for s in range(start, stop):
-        x = batch(s, size=8)[rank * per_rank:(rank + 1) * per_rank]
-        for micro in x.chunk(gas):
-            engine.backward(engine(input_ids=micro, labels=micro).loss)
-            engine.step()
 
 
 def weights(model, stage: int) -> dict:
@@ -142,15 +134,11 @@ def main(out: str, ckpt: str, phase: str) -> None:
     else:
         for case in CASES:
             results[("stage0", case)] = trajectory(case, 0, rank, world, steps)
-            results[case] = trajectory(case, 3, rank, world, steps)
         results["memory_stage0"] = {case: engine_for(case, 0, world)[2].memory_report()
                                     for case in ("bf16-bottom2up-adamw", "bf16-random-sgd-gas2-offload")}
         for case in RESUME:
             results[("save", case)] = resume(case, ckpt, rank, world)
-    if rank == 0:
-        torch.save(results, os.path.join(out, f"{phase}_w{world}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish(results, out, phase)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,13 @@ def main(out: str, ckpt: str, phase: str) -> None:
         assert optimizer.schedule.steps_done == optimizer.num_groups + 2
         run(engine, rank, world, optimizer.num_groups + 2, 3 * optimizer.num_groups)
         results["resumed"] = [p.detach().clone() for p in model.parameters()]
-    if rank == 0:
-        torch.save(results, os.path.join(out, f"{phase}_w{world}.pt"))
+    finish(results, out, phase)
+
+
+def finish(results: dict, out: str, phase: str) -> None:
+    """Rank 0 saves ``results`` to OUT/<phase>_w<world>.pt (what torchrun_worker reads); every rank leaves."""
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, os.path.join(out, f"{phase}_w{torch.distributed.get_world_size()}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

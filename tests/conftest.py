@@ -55,6 +55,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_worker(script: str, world: int, out: str, ckpt: str, phase: str, timeout: int = 400) -> dict:
+    """Run tests/<script> on ``world`` gloo ranks (args: OUT CKPT PHASE); what rank 0 saved to OUT/<phase>_w<world>.pt."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                           "--master_port", str(free_port()), os.path.join(os.path.dirname(__file__), script),
+                           out, ckpt, phase], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(os.path.join(out, f"{phase}_w{world}.pt"), weights_only=False)
+
+
 @pytest.fixture(scope="module")
 def single_rank_env():
     """What DeepSpeed needs to run in this process without a launcher (else it tries MPI)."""

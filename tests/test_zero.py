@@ -1,27 +1,17 @@
 """HiFT with ZeRO-1/2 on 2 and 4 gloo ranks (torchrun subprocesses running tests/_zero_worker.py)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, torchrun_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUCKET = 3000  # reduce_bucket_size of the stage-2 runs in _zero_worker.py
 
 
 def torchrun(world: int, out: str, ckpt: str, phase: str) -> dict:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                           "--master_port", str(port), os.path.join(HERE, "_zero_worker.py"), out, ckpt, phase],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(os.path.join(out, f"{phase}_w{world}.pt"), weights_only=False)
+    return torchrun_worker("_zero_worker.py", world, out, ckpt, phase)
 
 
 @pytest.fixture(scope="module")
