@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -237,6 +238,7 @@ class HiFTZero3Optimizer(HiFTOptimizer):
                 # Only the real elements: DeepSpeed leaves the last partition's padding uninitialised.
                 piece[:lay.valid(i)].copy_(p.ds_tensor.data.reshape(-1)[:lay.valid(i)])
                 p.ds_tensor.data = piece
+                p._hift_zero3_owner = weakref.ref(self)  # the newest optimizer of this model takes its gradients
                 self._slot[id(p)] = (g, i)
             layouts.append(lay)
             weights.append(flat)
@@ -255,6 +257,8 @@ class HiFTZero3Optimizer(HiFTOptimizer):
     def _on_grad(self, p: nn.Parameter) -> None:
         # The parameter's full gradient of this backward: into its rows of the group buffer, then
         # freed, so no full-size .grad outlives its backward (gradient accumulation adds up here).
+        if p._hift_zero3_owner() is not self:  # the model was wrapped again; that optimizer trains it now
+            return
         g, i = self._slot[id(p)]
         self._layouts[g].add_grad(self._grad_buf, i, p.grad)
         p.grad = None

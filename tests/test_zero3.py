@@ -282,3 +282,22 @@ def test_a_parameter_read_outside_its_module_is_gathered():
         results.append(gathered_state_dict(model) if stage else model.state_dict())
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.usefixtures("single_rank_env")
+def test_wrapping_the_same_model_again_hands_it_to_the_new_optimizer():
+    import hift_ds
+    from conftest import tiny_llama
+    from hift_ds.zero3 import gathered_state_dict
+
+    model = tiny_llama()
+    engine, old, _, _ = hift_ds.initialize(model=model, config=stage3_config())
+    train_steps(engine, 2)
+    before = gathered_state_dict(model)
+    engine, new, _, _ = hift_ds.initialize(model=model, config=stage3_config())  # `old` is still alive
+    assert all(torch.equal(before[k], v) for k, v in gathered_state_dict(model).items())
+    train_steps(engine, 2)
+    assert new.schedule.steps_done == 2 and old.schedule.steps_done == 2
+    after = gathered_state_dict(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert len(model.model.layers[0]._forward_pre_hooks) == 2  # one set of DeepSpeed's hooks (pre-forward, post-backward)
