@@ -11,7 +11,8 @@ to what docs/architecture.md's formula predicts for the same P, largest group G 
                stage 3: 2P/N + 2 * (DeepSpeed's persistent small parameters, kept whole)
     gradients  stage 0: 2A (p.grad of the active group A, after backward; none after the step)
                stage 1-3: 2G + 2G/N     (one group's gradient buffer + this rank's shard)
-    state      12P/N resident (12P at stage 0), 12G/N on the device with offload (12G at stage 0)
+    state      12P/N resident (12P at stage 0); with offload s * 12G/N on the device (s slots, N = 1 at
+               stage 0) and 12P/N on the host
 
     python benchmarks/zero3_memory.py --json zero3_memory.json
 """
@@ -55,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
            "zero_optimization": {"stage": args.stage, **{f"stage3_{k}": getattr(args, k) for k in STAGE3_KNOBS
                                                          if getattr(args, k) is not None}},
-           "hift": {"offload": {"device": args.offload}, "kernel": "auto"}}
+           "hift": {"offload": {"device": args.offload, "slots": args.slots}, "kernel": "auto"}}
     hift_ds.engine.single_process_env()
     deepspeed.init_distributed()
     rss_before = psutil.Process().memory_info().rss
@@ -80,10 +81,11 @@ def worker(args: argparse.Namespace) -> None:
     groups = [sum(getattr(p, "ds_numel", p.numel()) for p in ps) for ps in optimizer._params]
     fetcher = getattr(optimizer, "_fetcher", None)  # ZeRO-3: DeepSpeed keeps its persistent parameters whole
     persistent = sum(p.ds_numel for p in fetcher.persistent_parameters) if fetcher is not None else 0
-    row = {"rank": rank, "world": world, "stage": args.stage, "offload": args.offload, "params": params,
-           "largest_group": max(groups), "active_group": active, "groups": len(groups), "persistent": persistent, "memory": report,
-           "rss_delta": prof.summary()["peak"]["rss"] - rss_before, "peak_allocated": prof.summary()["peak"]["allocated"],
-           "device": str(engine.device)}
+    peak = prof.summary()["peak"]
+    row = {"rank": rank, "world": world, "stage": args.stage, "offload": args.offload, "slots": args.slots,
+           "params": params, "largest_group": max(groups), "active_group": active, "groups": len(groups),
+           "persistent": persistent, "memory": report, "rss_delta": peak["rss"] - rss_before,
+           "peak_allocated": peak["allocated"], "device": str(engine.device)}
     rows = [None] * world
     torch.distributed.all_gather_object(rows, row)
     if rank == 0:
@@ -92,13 +94,14 @@ def worker(args: argparse.Namespace) -> None:
     torch.distributed.destroy_process_group()
 
 
-def predict(stage: int, offload: str, n: int, p: int, g: int, persistent: int = 0, active: int = 0) -> dict[str, float]:
+def predict(stage: int, offload: str, n: int, p: int, g: int, persistent: int = 0, active: int = 0,
+            slots: int = 2) -> dict[str, float]:
     """docs/architecture.md's bytes per rank (bf16 weights and gradients, AdamW: 12 bytes of state per parameter)."""
     weights = {0: 2 * p, 3: 2 * p / n + 2 * persistent}.get(stage, 2 * p + 2 * g / n)  # 1/2: + the update's scratch shard
     # stage 0 (torch path): the .grad tensors of the group that is active now; 1-3: buffers sized for the largest
     grads = 2 * (active or g) if stage == 0 else 2 * g + 2 * g / n
     shard = 1 if stage == 0 else n
-    state = 12 * (g if offload == "cpu" else p) / shard
+    state = 12 * (slots * g if offload == "cpu" else p) / shard
     return {"model_weights": weights, "gradients": grads, "state_device": state,
             "state_host": 12 * p / shard if offload == "cpu" else 0.0}
 
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace, stage: int, world: int, offload: str) -> list[
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
            str(args.port), os.path.abspath(__file__), "--worker", "--stage", str(stage), "--offload", offload,
            *[f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "intermediate", "heads", "vocab", "batch",
-                                                   "seq", "steps")],
+                                                   "seq", "steps", "slots")],
            *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in STAGE3_KNOBS if getattr(args, k) is not None]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
@@ -126,7 +129,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m, p = r["memory"], r["params"]
         pred = predict(r["stage"], r["offload"], r["world"], p, r["largest_group"], r.get("persistent", 0),
-                       r.get("active_group", 0))
+                       r.get("active_group", 0), r.get("slots", 1))
         host = m["state_host_pinned"] + m["state_host_pageable"]
         cells = [f"{m[k] / p:.3f} ({pred[k] / p:.3f})" for k in ("model_weights", "gradients", "state_device")]
         cells.append(f"{host / p:.3f} ({pred['state_host'] / p:.3f})")
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--offload", default="none")
     ap.add_argument("--runs", default="0:1,2:2,2:4,3:1,3:2,3:4", help="stage:ranks pairs to run")
     ap.add_argument("--offloads", default="none,cpu")
+    ap.add_argument("--slots", type=int, default=2, help="hift.offload.slots: device slots of the offloaded store")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--intermediate", type=int, default=1408)

@@ -35,7 +35,7 @@ CASES = {
     "fp32-random-adamw-gas2": dict(bf16=False, strategy="random", opt=ADAMW, gas=2, clip=0.5),
     "fp32-bottom2up-sgd": dict(bf16=False, strategy="bottom2up", opt=SGD, gas=1, clip=1.0),
     "bf16-bottom2up-adamw": dict(bf16=True, strategy="bottom2up", opt=ADAMW_BF16, gas=1, clip=1.0),
-    "bf16-random-sgd-gas2-offload": dict(bf16=True, strategy="random", opt=SGD, gas=2, clip=0.5, offload=True),
+    "bf16-random-sgd-gas2-offload": dict(bf16=True, strategy="random", opt=SGD, gas=2, clip=0.5, offload_slots=2),
 }
 RESUME = ("fp32-random-adamw-gas2", "bf16-random-sgd-gas2-offload")
 PERSIST = 40  # stage3_param_persistence_threshold: norms (32 elements) stay gathered, matrices are released
@@ -44,8 +44,8 @@ PERSIST = 40  # stage3_param_persistence_threshold: norms (32 elements) stay gat
 def engine_for(case: str, stage: int, world: int):
     c = CASES[case]
     hift = {"strategy": c["strategy"], "seed": 1}
-    if c.get("offload"):
-        hift["offload"] = {"device": "cpu"}
+    if c.get("offload_slots"):
+        hift["offload"] = {"device": "cpu", "slots": c["offload_slots"]}
     cfg = {"train_micro_batch_size_per_gpu": 8 // world // c["gas"], "gradient_accumulation_steps": c["gas"],
            "optimizer": c["opt"], "gradient_clipping": c["clip"], "bf16": {"enabled": c["bf16"]},
            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": PERSIST}, "hift": hift}

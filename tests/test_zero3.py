@@ -73,17 +73,17 @@ def test_memory_per_rank_is_one_nth(runs, world):
         mem, parts, kinds = r["memory"], sum(r["partition_numels"]), r["kinds"]
         n = sum(r["group_numels"])
         full = runs[1]["memory_stage0"][case]  # the same case at stage 0 on one rank
-        offload = CASES[case].get("offload", False)
-        home = (lambda m: m["state_host_pinned"] + m["state_host_pageable"]) if offload else (lambda m: m["state_device"])
+        slots = CASES[case].get("offload_slots", 0)  # 0: no offload
+        home = (lambda m: m["state_host_pinned"] + m["state_host_pageable"]) if slots else (lambda m: m["state_device"])
         assert full["model_weights"] == 2 * n and home(full) == 4 * kinds * n
         # bf16 partitions (DeepSpeed pads each parameter to a multiple of N) + its persistent full copies
         assert n / world <= parts < n / world + r["num_params"]
         assert mem["model_weights"] == 2 * parts + 2 * r["persistent_numel"]
-        # masters + state of this rank's partitions of every group; with offload on the host, and one
-        # slot of the largest group's partitions on the device
+        # masters + state of this rank's partitions of every group; with offload on the host, and the
+        # store's slots of the largest group's partitions on the device
         assert home(mem) == 4 * kinds * parts
-        if offload:
-            assert mem["state_device"] == 4 * kinds * max(r["partition_numels"])
+        if slots:
+            assert mem["state_device"] == slots * 4 * kinds * max(r["partition_numels"])
         # one group's bf16 gradient (rows of every rank) and this rank's shard of it
         assert mem["gradients"] == 2 * max(r["padded_numels"]) + 2 * max(r["partition_numels"])
 
