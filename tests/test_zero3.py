@@ -156,10 +156,13 @@ def test_save_16bit_model_writes_the_gathered_weights(tmp_path):
     from hift_ds.zero3 import gathered_state_dict
 
     model = tiny_llama()
+    model.lm_head.weight.requires_grad_(False)  # frozen by the user: saved, unless excluded
     keys = model.state_dict().keys()
     engine, optimizer, _, _ = hift_ds.initialize(
         model=model, config=stage3_config(bf16=True, stage3_gather_16bit_weights_on_model_save=True))
     train_steps(engine, 3)
+    assert engine.save_16bit_model(str(tmp_path / "trained"), exclude_frozen_parameters=True)
+    assert torch.load(tmp_path / "trained" / "pytorch_model.bin", weights_only=True).keys() == keys - {"lm_head.weight"}
     assert engine.save_16bit_model(str(tmp_path))
     saved = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     expected = gathered_state_dict(model)
