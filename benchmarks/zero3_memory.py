@@ -4,8 +4,9 @@ Each (stage, ranks, offload) runs in its own ``torchrun`` (DeepSpeed's backend: 
 on GPUs): the same seeded LLaMA-shaped model, bf16, AdamW, a few HiFT steps. Every rank reports
 ``optimizer.memory_report()`` (bytes of weights, gradients, masters+state on the device and on
 the host) and, from the profiler, its peak process RSS over the steps minus its RSS before the
-model was built (and the allocator's peak on a GPU). The table divides by the parameter count P: bytes per parameter per rank, next
-to what docs/architecture.md's formula predicts for the same P, largest group G and N ranks:
+model was built (and the allocator's peak on a GPU). The table divides by the parameter count P:
+bytes per parameter per rank, next to what docs/architecture.md's formula predicts for the same P,
+largest group G, active group A, N ranks and s offload slots:
 
     weights    stage 0: 2P   stage 1/2: 2P + 2G/N (scratch shard of the update)
                stage 3: 2P/N + 2 * (DeepSpeed's persistent small parameters, kept whole)
@@ -97,7 +98,8 @@ def worker(args: argparse.Namespace) -> None:
 def predict(stage: int, offload: str, n: int, p: int, g: int, persistent: int = 0, active: int = 0,
             slots: int = 2) -> dict[str, float]:
     """docs/architecture.md's bytes per rank (bf16 weights and gradients, AdamW: 12 bytes of state per parameter)."""
-    weights = {0: 2 * p, 3: 2 * p / n + 2 * persistent}.get(stage, 2 * p + 2 * g / n)  # 1/2: + the update's scratch shard
+    # stage 1/2: + the scratch shard of the update; 3: + DeepSpeed's persistent parameters, kept whole
+    weights = {0: 2 * p, 3: 2 * p / n + 2 * persistent}.get(stage, 2 * p + 2 * g / n)
     # stage 0 (torch path): the .grad tensors of the group that is active now; 1-3: buffers sized for the largest
     grads = 2 * (active or g) if stage == 0 else 2 * g + 2 * g / n
     shard = 1 if stage == 0 else n

@@ -105,7 +105,8 @@ def partition_model(model: nn.Module, config: dict, dtype: torch.dtype, device: 
         raise ValueError(f"the model was partitioned by zero.Init in {', '.join(wrong)}, but the config trains in "
                          f"{dtype}: pass the same DeepSpeed config to zero.Init (config_dict_or_path=) as to "
                          "hift_ds.initialize, so both read the bf16/fp16 setting")
-    wrong_device = sorted({str(p.ds_tensor.device) for p in params if is_partitioned(p) and p.ds_tensor.device != device})
+    wrong_device = sorted({str(p.ds_tensor.device) for p in params
+                           if is_partitioned(p) and p.ds_tensor.device != device})
     if wrong_device:
         raise ValueError(f"ZeRO-3 partitions are on {wrong_device}, not on {device}; HiFT updates them on the "
                          "training device: build the model under zero.Init without remote_device")
@@ -310,8 +311,9 @@ class HiFTZero3Optimizer(HiFTOptimizer):
     def _load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
         full = saved.get(MASTER if self.masters else WEIGHT)
         if full is None:
-            raise ValueError(f"the checkpoint has no weights for group {g}: it was not saved at ZeRO stage 3 (a stage-3 "
-                             "run keeps its weights in the optimizer state); resume it at the stage it was saved at")
+            raise ValueError(f"the checkpoint has no weights for group {g}: it was not saved at ZeRO stage 3 (a "
+                             "stage-3 run keeps its weights in the optimizer state); resume it at the stage it was "
+                             "saved at")
         self._weights[g].copy_(self._layouts[g].shard_of(full).to(device=self.device, dtype=self.model_dtype))
 
     def memory_report(self) -> dict[str, int]:
@@ -354,7 +356,7 @@ def gathered_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
 
 
 def attach_to_engine(engine: Any, optimizer: HiFTZero3Optimizer, zero: dict) -> None:
-    """Route the engine's ``save_16bit_model`` through the gathered state dict (DeepSpeed runs at stage 0 under HiFT)."""
+    """Route the engine's ``save_16bit_model`` through the gathered state dict (its engine runs at stage 0)."""
     import torch.distributed as dist
 
     gather = bool(zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save")))

@@ -79,18 +79,18 @@ def observe_one_step(model, engine, optimizer, rank: int, world: int) -> dict:
             grads_after_backward = [p.grad is not None for p in model.parameters()]
             trainable = {id(p) for p in model.parameters() if p.requires_grad}
         engine.step()
-    active = {id(p) for p in optimizer._params[g]}
+    active, params = {id(p) for p in optimizer._params[g]}, list(model.parameters())
     return {"active_group": g,
             "bytes": {k: v - before.get(k, 0) for k, v in optimizer._comm.bytes.items()},
             "active_padded_numel": optimizer._layouts[g].padded,
             "grads_after_backward": any(grads_after_backward),
             "trainable_is_active_group": trainable == active,
-            "frozen_partitions_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(partitions, model.parameters())
+            "frozen_partitions_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(partitions, params)
                                                if id(p) not in active),
-            "active_partitions_changed": any(not torch.equal(a, p.ds_tensor) for a, p in zip(partitions, model.parameters())
+            "active_partitions_changed": any(not torch.equal(a, p.ds_tensor) for a, p in zip(partitions, params)
                                              if id(p) in active),
-            "frozen_state_unchanged": all(torch.equal(a[k], b[k]) for i, (a, b) in enumerate(zip(homes, optimizer.store.home))
-                                          if i != g for k in a),
+            "frozen_state_unchanged": all(torch.equal(a[k], b[k]) for i, (a, b) in
+                                          enumerate(zip(homes, optimizer.store.home)) if i != g for k in a),
             "memory": optimizer.memory_report(),
             "partition_numels": [lay.shard_numel for lay in optimizer._layouts],
             "padded_numels": [lay.padded for lay in optimizer._layouts],

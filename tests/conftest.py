@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def torchrun_worker(script: str, world: int, out: str, ckpt: str, phase: str, timeout: int = 400) -> dict:
-    """Run tests/<script> on ``world`` gloo ranks (args: OUT CKPT PHASE); what rank 0 saved to OUT/<phase>_w<world>.pt."""
+    """Run tests/<script> on ``world`` gloo ranks (args OUT CKPT PHASE); rank 0's OUT/<phase>_w<world>.pt."""
     import subprocess
     import sys
 

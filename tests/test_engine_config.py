@@ -72,7 +72,7 @@ CONFIG_ERRORS = {
                         r"zero_quantized_weights is not supported with HiFT at stage 3"),
     "zero3_custom_optimizer": (_cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3}},
                                     zero_optimization={"stage": 3}), ValueError,
-                               r"optimizer type 'Lamb' is not supported with HiFT; use one of Adam, AdamW, SGD, Adagrad"),
+                               r"optimizer type 'Lamb' is not supported with HiFT; use one of Adam, AdamW, SGD"),
     "zero_offload_optimizer": (_cfg(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
                                ValueError, r"zero_optimization.offload_optimizer does not apply to HiFT"),
     "config_not_dict_or_path": (42, TypeError, r"config must be a dict or a path to a JSON file, got int"),
