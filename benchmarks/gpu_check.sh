@@ -10,7 +10,8 @@
 #   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=420)
 #   rehearsal:   TINY=1 bash benchmarks/gpu_check.sh /tmp/gpu_check    # tiny sizes, on a CPU too
 #
-# Stages run in the order STAGES gives (default "tests headline offload"; also: compare, kernels), each under
+# Stages run in the order STAGES gives (default "tests headline offload"; also: compare, kernels, and zero3:
+# ZeRO-3 + HiFT on one GPU against stage 0, tests/test_gpu_zero3.py, under a minute), each under
 # its own time limit and the remaining BUDGET (seconds, 380 by default), so a slow stage costs the later
 # ones, not the whole call; a stage's failure does not stop the rest. HEADLINE_BATCHES picks the 7B runs
 # ("1", "4" = 4 x 512 with checkpointing, or "1,4"); OFFLOAD_MODES the 1.1B modes.
@@ -59,6 +60,7 @@ fi
 for s in ${STAGES:-tests headline offload}; do
   case $s in
     tests) stage "gpu tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py ;;
+    zero3) stage "zero3 gpu check" 120 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_zero3.py ;;
     offload) stage "offload 1.1B" 170 python3 benchmarks/offload.py "${size[@]}" "${steps[@]}" \
       --modes "${OFFLOAD_MODES:-fpft,hift-triton,hift-offload-triton,hift-offload-triton-1slot}" \
       --trace "$out/trace" --trace-steps 3 --json "$out/offload.json" ;;
@@ -67,7 +69,7 @@ for s in ${STAGES:-tests headline offload}; do
     compare) stage "compare" 150 python3 benchmarks/compare.py "${size[@]}" "${steps[@]}" \
       --modes fpft,badam,badam-50,torchao-offload,torchao-offload-grads,hift-offload-triton --json "$out/compare.json" ;;
     kernels) stage "kernels" 60 python3 benchmarks/kernels.py "${kernel_args[@]}" --json "$out/kernels.json" ;;
-    *) note "unknown stage $s (tests offload headline compare kernels)" ;;
+    *) note "unknown stage $s (tests headline offload compare kernels zero3)" ;;
   esac
 done
 note "done"
