@@ -80,8 +80,9 @@ def check_training_arguments(args: Any, optimizer_cls_and_kwargs: Any) -> dict |
     zero = ds_config.get("zero_optimization") or {}
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2):
-        raise ValueError(f"zero_optimization.stage={stage} in the DeepSpeed config is not supported with HiFT; use "
-                         "stage 0, 1 or 2 (HiFT shards the active group's masters and state itself at stages 1/2)")
+        raise ValueError(f"zero_optimization.stage={stage} in the DeepSpeed config is not supported by the HiFT "
+                         "Trainer; use stage 0, 1 or 2 (HiFT shards the active group's masters and state itself at "
+                         "stages 1/2), or train at ZeRO-3 with hift_ds.initialize or launch/train.py")
     for key in ("offload_optimizer", "offload_param"):
         if ((zero.get(key) or {}).get("device") or "none") != "none":
             raise ValueError(f'zero_optimization.{key} in the DeepSpeed config does not apply to HiFT; remove it and '

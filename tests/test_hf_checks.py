@@ -64,7 +64,8 @@ CASES = {
     "fp16_weights_without_deepspeed": (dict(model=lambda: tiny_llama(dtype=torch.float16)), {}, ValueError,
                                        r"weights are float16, .*load the model in bfloat16"),
     "zero_3": (dict(), dict(deepspeed=ds(zero_optimization={"stage": 3})), ValueError,
-               r"zero_optimization.stage=3 in the DeepSpeed config is not supported with HiFT; use stage 0, 1 or 2"),
+               r"zero_optimization.stage=3 in the DeepSpeed config is not supported by the HiFT Trainer; use stage "
+               r"0, 1 or 2 .* or train at ZeRO-3 with hift_ds.initialize or launch/train.py"),
     "deepspeed_offload_optimizer": (dict(), dict(deepspeed=ds(zero_optimization={
         "stage": 2, "offload_optimizer": {"device": "cpu"}})), ValueError,
         r"zero_optimization.offload_optimizer .* does not apply to HiFT; .*\"offload\": \{\"device\": \"cpu\"\}"),
