@@ -37,8 +37,12 @@ def evaluate(model: nn.Module, loader, task: str) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def generate_samples(model, tokenizer, records: list[dict], chat: bool, max_new_tokens: int = 48) -> list[dict]:
-    """Greedy completions of the records' prompts (prompt, reference output, model output)."""
+def generate_samples(model, tokenizer, records: list[dict], chat: bool, max_new_tokens: int = 48,
+                     synced_gpus: bool = False) -> list[dict]:
+    """Greedy completions of the records' prompts (prompt, reference output, model output).
+
+    ``synced_gpus``: every rank runs a forward until all ranks are done, as a ZeRO-3-partitioned model
+    needs (each forward gathers the weights from every rank: a rank that stopped early hangs the rest)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,7 +51,7 @@ def generate_samples(model, tokenizer, records: list[dict], chat: bool, max_new_
         for r in records:
             ids = torch.tensor([prompt_ids(r, tokenizer, chat)], device=device)
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
             text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
             out.append({"prompt": r["instruction"], "reference": r["output"], "generated": text})
     model.train(was_training)

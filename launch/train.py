@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
         before = evaluate(engine.module, eval_loader, task)
     chat = task == D.INSTRUCTION and D.uses_chat_template(tok, args.prompt_format)
     sample_recs = eval_recs[:args.samples] if task == D.INSTRUCTION else []
-    samples_before = generate_samples(engine.module, tok, sample_recs, chat) if sample_recs and step == 0 else []
+    samples_before = generate_samples(engine.module, tok, sample_recs, chat, synced_gpus=zero3 and world > 1) \
+        if sample_recs and step == 0 else []
     if rank == 0 and step == 0 and os.path.exists(log_path):
         os.remove(log_path)
     if rank == 0 and step > 0 and os.path.exists(log_path):  # drop entries past the checkpoint
@@ -440,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
                 json.dump(prof.summary(), f, indent=2)
             prof.plot(os.path.join(args.output_dir, "profile.png"), title=f"{args.mode} training")
     after = evaluate(engine.module, eval_loader, task)
-    samples = generate_samples(engine.module, tok, sample_recs, chat) if sample_recs else []
+    samples = generate_samples(engine.module, tok, sample_recs, chat, synced_gpus=zero3 and world > 1) \
+        if sample_recs else []
     for i, sample in enumerate(samples):
         sample["before"] = samples_before[i]["generated"] if samples_before else None
     # ZeRO-3: every rank holds 1/N of the weights; gather them module by module (all ranks take part).

@@ -265,3 +265,24 @@ def test_every_mode_casts_parameters_only_so_untrained_models_agree():
         with torch.no_grad():
             losses[mode] = float(engine.module(input_ids=x, labels=x).loss)
     assert losses["hift"] == losses["fpft"] == losses["badam"], losses
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_generate_samples_passes_synced_gpus(assets, synced):
+    """At ZeRO-3 on several ranks every rank must keep running forwards until all are done (synced_gpus)."""
+    from hift_ds.evaluation import generate_samples
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kw):
+            seen.append(kw["synced_gpus"])
+            return input_ids
+
+    tok = transformers.AutoTokenizer.from_pretrained(assets["lm"])
+    generate_samples(Recorder(), tok, [{"instruction": "a", "output": "b"}], chat=False, synced_gpus=synced)
+    assert seen == [synced]
