@@ -10,13 +10,11 @@ chatterbot corpus).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 
@@ -195,70 +193,6 @@ def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None 
     return tok, model
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a small file so readers see the old or the new content, never a torn one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict) -> None:
-    """DeepSpeed checkpoint of this step; the ``latest`` pointer moves only once it is complete."""
-    import torch.distributed as dist
-
-    tag = f"step{step}"
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    if os.environ.get("HIFT_FAULT_INJECT") == f"kill-in-save:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die after the files, before the pointer
-    if dist.is_initialized():
-        dist.barrier()
-    if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
-
-
-def latest_tag(ckpt_dir: str) -> str | None:
-    """The checkpoint tag ``latest`` in ``ckpt_dir`` points to (None: no checkpoint yet), checked to exist."""
-    latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    # DeepSpeed would fail on a missing or emptied tag directory with a bare AssertionError.
-    path = os.path.join(ckpt_dir, tag)
-    if not tag or not glob.glob(os.path.join(glob.escape(path), "*model_states.pt")):
-        found = sorted(d for d in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, d)))
-        raise ValueError(f"--resume: {latest} points to checkpoint {tag!r}, but {path} "
-                         f"{'holds no model states' if os.path.isdir(path) else 'does not exist'}; checkpoints in "
-                         f"{ckpt_dir}: {found or 'none'}; write an existing tag into {latest}, or delete it to "
-                         "start fresh")
-    return tag
-
-
-def rng_state() -> dict:
-    """The RNG states a resumed run restores: torch's CPU generator and, with CUDA, every GPU's."""
-    import torch
-
-    state = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available():  # GPU dropout draws from the CUDA generators, not the CPU one
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Restore what ``rng_state()`` saved; the CUDA part only where both runs have CUDA."""
-    import torch
-
-    torch.set_rng_state(state["rng"])
-    if torch.cuda.is_available() and "cuda_rng" in state:
-        # Only the devices both runs have; a resume on another GPU count is not bit-exact anyway.
-        torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
-    elif torch.cuda.is_available():
-        log.warning("checkpoint has no CUDA RNG state (saved without CUDA): GPU random streams start fresh")
-
-
 def resolve_job(args: argparse.Namespace) -> tuple[str, str]:
     """(model path, data path): the given ones or the --task embedded job's; sets --lr to the job's for --mode."""
     from hift_ds.defaults import EMBEDDED_JOBS
@@ -297,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import hift_ds
     from hift_ds import data as D
+    from hift_ds.checkpoints import atomic_write_text, latest_tag, restore_rng_state, rng_state, save_checkpoint
     from hift_ds.config import load_ds_config
     from hift_ds.evaluation import evaluate, generate_samples
     from hift_ds.scheduler_config import warmup_held_at_start

@@ -11,6 +11,7 @@ import torch
 
 from conftest import batch, tiny_llama
 from tinymodel import instruction_jsonl, make_causal_lm, make_classifier, sentiment_jsonl
+from hift_ds import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -229,25 +230,25 @@ def test_resume_from_a_missing_checkpoint_names_it(assets, tmp_path):
     (ckpt / "step8").mkdir()  # a directory without the model states DeepSpeed needs
     with pytest.raises(ValueError, match=r"step8 holds no model states; checkpoints in .*: \['step4', 'step8'\]"):
         train.main(args)
-    assert train.latest_tag(str(tmp_path)) is None  # no "latest" yet: --resume starts fresh
+    assert checkpoints.latest_tag(str(tmp_path)) is None  # no "latest" yet: --resume starts fresh
 
 
 def test_rng_state_includes_cuda_generators_when_cuda_is_there(monkeypatch, caplog):
-    cpu = train.rng_state()
+    cpu = checkpoints.rng_state()
     if not torch.cuda.is_available():
         assert set(cpu) == {"rng"}
-        train.restore_rng_state({**cpu, "cuda_rng": [torch.zeros(8, dtype=torch.uint8)]})  # GPU checkpoint, CPU run
+        checkpoints.restore_rng_state({**cpu, "cuda_rng": [torch.zeros(8, dtype=torch.uint8)]})  # GPU checkpoint, CPU run
     gpu_states, restored = [torch.ones(8, dtype=torch.uint8)], []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: gpu_states)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
-    state = train.rng_state()
+    state = checkpoints.rng_state()
     assert state["cuda_rng"] is gpu_states and torch.equal(state["rng"], cpu["rng"])
-    train.restore_rng_state(state)
+    checkpoints.restore_rng_state(state)
     assert restored == [gpu_states]
-    with caplog.at_level("WARNING", logger="hift_ds.train"):
-        train.restore_rng_state({"rng": cpu["rng"]})  # a CPU checkpoint resumed with CUDA: CPU state only
+    with caplog.at_level("WARNING", logger="hift_ds.checkpoints"):
+        checkpoints.restore_rng_state({"rng": cpu["rng"]})  # a CPU checkpoint resumed with CUDA: CPU state only
     assert restored == [gpu_states] and "no CUDA RNG state" in caplog.text
 
 
