@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check of one device session. By default, in about 5.5 minutes on one H100/H200 (measured: 320 s on
-# an H200, 2026-11-26): the gpu-marked tests, the LLaMA-2-7B headline at 1 x 512 (bandwidth probe, resident,
-# two slots, one slot, each against its lower bound, with a trace), and the 1.1B offload benchmark over one
-# whole cycle with a trace. The rest is a second call: STAGES="headline compare kernels" HEADLINE_BATCHES=4
-# (4 x 512 with checkpointing, then the comparison and the kernel benchmark). Writes to OUTDIR: gpu_check.log (everything printed), one
-# JSON per stage (offload.json, headline.json, compare.json, kernels.json) and the gzipped traces in trace/.
+# The GPU check of one device session. By default, in about 6.5 minutes on one H100/H200: the gpu-marked
+# tests, ZeRO-3 + HiFT on one GPU against stage 0 (tests/test_gpu_zero3.py, under a minute), the LLaMA-2-7B
+# headline at 1 x 512 (bandwidth probe, resident, two slots, one slot, each against its lower bound, with a
+# trace) and the 1.1B offload benchmark over one whole cycle with a trace (tests + headline + offload took
+# 320 s on an H200, 2026-11-26). The rest is a second call: STAGES="headline compare kernels"
+# HEADLINE_BATCHES=4 (4 x 512 with checkpointing, then the comparison and the kernel benchmark). Writes to
+# OUTDIR: gpu_check.log (everything printed), one JSON per benchmark stage (offload.json, headline.json,
+# compare.json, kernels.json) and the gzipped profiler traces in trace/.
 #
 #   here:        bash benchmarks/gpu_wheels.sh            # once: the wheels the GPU image lacks, into .whl/
-#   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=420)
+#   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=480)
 #   rehearsal:   TINY=1 bash benchmarks/gpu_check.sh /tmp/gpu_check    # tiny sizes, on a CPU too
 #
-# Stages run in the order STAGES gives (default "tests headline offload"; also: compare, kernels, and zero3:
-# ZeRO-3 + HiFT on one GPU against stage 0, tests/test_gpu_zero3.py, under a minute), each under
-# its own time limit and the remaining BUDGET (seconds, 380 by default), so a slow stage costs the later
-# ones, not the whole call; a stage's failure does not stop the rest. HEADLINE_BATCHES picks the 7B runs
-# ("1", "4" = 4 x 512 with checkpointing, or "1,4"); OFFLOAD_MODES the 1.1B modes.
+# Stages run in the order STAGES gives (default "tests zero3 headline offload"; also: compare, kernels), each
+# under its own time limit and the remaining BUDGET (seconds, 440 by default), so a slow stage costs the
+# later ones, not the whole call; a stage's failure does not stop the rest. HEADLINE_BATCHES picks the 7B
+# runs ("1", "4" = 4 x 512 with checkpointing, or "1,4"); OFFLOAD_MODES the 1.1B modes.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -22,7 +23,7 @@ out=$(cd "$out" && pwd)
 log="$out/gpu_check.log"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's op builder: not 9.0a
-budget=${BUDGET:-380}
+budget=${BUDGET:-440}
 start=$SECONDS
 
 note() { echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s)" | tee -a "$log"; }
@@ -57,7 +58,7 @@ else  # 24 steps: one whole cycle of llama-1b's 24 groups (a step's cost depends
   kernel_args=()
 fi
 
-for s in ${STAGES:-tests headline offload}; do
+for s in ${STAGES:-tests zero3 headline offload}; do
   case $s in
     tests) stage "gpu tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py ;;
     zero3) stage "zero3 gpu check" 120 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_zero3.py ;;
