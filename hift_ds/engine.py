@@ -92,6 +92,19 @@ def _device() -> torch.device:
     return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
 
 
+def _world_size() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _reduces_fp16() -> bool:
+    # DeepSpeed's engine all-reduces only the dtypes its accelerator lists (the CPU one: fp32, bf16).
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.float16 in get_accelerator().supported_dtypes()
+
+
 def initialize(args: Any = None, model: nn.Module | None = None, model_parameters: Any = None,
                training_data: Any = None, lr_scheduler: Any = None, config: Any = None, **kwargs):
     """``deepspeed.initialize`` with a HiFT optimizer built from the config's "hift" block."""
@@ -171,6 +184,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         logger.info("HiFT: no launcher environment (RANK, WORLD_SIZE, ...): running as a single process")
     name, opt_params = optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
+    world = _world_size()
+    if dtype == torch.float16 and world > 1 and stage == 0 and not _reduces_fp16():
+        raise ValueError(f"fp16 at ZeRO stage 0 with {world} ranks is not supported on this device: DeepSpeed's "
+                         "gradient all-reduce here (gloo on CPU) cannot reduce fp16 gradients; use \"bf16\": "
+                         "{\"enabled\": true}, GPUs, or zero_optimization.stage 1 or 2 (HiFT reduces those itself)")
     sharding = {"reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
                 "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}
     opt_class = HiFTOptimizer
@@ -200,8 +218,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     # DeepSpeed has just broadcast rank 0's weights into the model; the masters must follow.
     optimizer.sync_masters_from_model()
     _resync_after_partial_loads(engine, optimizer)
-    if stage:
-        engine.enable_backward_allreduce = False  # the optimizer reduce-scatters the active group
+    if stage or world == 1:
+        # Stages 1/2: the optimizer reduce-scatters the active group itself. One process: there is
+        # nothing to reduce, and DeepSpeed's CPU all-reduce would refuse fp16 gradients.
+        engine.enable_backward_allreduce = False
     if optimizer.reduces_in_backward:
         _arm_reduction_in_backward(engine, optimizer)
     if stage == 3:

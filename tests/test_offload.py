@@ -7,7 +7,6 @@ import torch
 from conftest import batch, tiny_llama
 from hift_ds import HiFTOptimizer
 from hift_ds.offload import MASTER
-from hift_ds.precision import DynamicLossScaler
 
 
 def train(model, steps, start=0, **kw):
@@ -53,79 +52,6 @@ def test_bf16_masters_follow_fp32_adamw_and_weights_are_their_cast():
         for name, m, p in zip(opt.group_param_names(g), masters, opt._params[g]):
             torch.testing.assert_close(m, ref_params[name], msg=name)
             assert torch.equal(p, m.to(torch.bfloat16)), name
-
-
-def test_fp16_overflow_skips_and_retries_the_same_group():
-    model = tiny_llama(dtype=torch.float16)
-    opt = HiFTOptimizer(model, "adamw", offload="cpu", lr=1e-3)
-    assert opt.scaler is not None and opt.loss_scale == 2.0 ** 16
-    train(model, 2, opt=opt)
-    group = opt.active_group
-    before = [p.detach().clone() for p in model.parameters()]
-    x = batch(2)
-    opt.backward(model(input_ids=x, labels=x).loss)
-    next(p for p in model.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
-    opt.step()
-    assert opt.overflow and opt.skipped_steps == 1
-    assert opt.loss_scale == 2.0 ** 15
-    assert opt.active_group == group
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    opt.zero_grad()
-    train(model, 3 + opt.num_groups, start=3, opt=opt)
-    assert not opt.overflow
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert opt.schedule.steps_done == 2 + opt.num_groups
-
-
-@pytest.mark.parametrize("hysteresis,consecutive", [(1, False), (2, False), (3, False), (2, True)])
-def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive):
-    """Same scale after every step as DeepSpeed's DynamicLossScaler for the same fp16 config."""
-    from deepspeed.runtime.fp16 import loss_scaler as ds
-
-    monkeypatch.setattr(ds.dist, "get_rank", lambda *a, **k: 0)  # it only logs on rank 0
-    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 3, "hysteresis": hysteresis,
-            "consecutive_hysteresis": consecutive, "min_loss_scale": 4}
-    ours = DynamicLossScaler.from_ds_fp16(fp16)
-    ours.raise_at_min_scale = False  # as the reference below, to follow it along the floor
-    ref = ds.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=3, min_scale=4, delayed_shift=hysteresis,
-                               consecutive_hysteresis=consecutive, raise_error_at_min_scale=False)
-    g = torch.Generator().manual_seed(hysteresis + 10 * consecutive)
-    flags = (torch.rand(200, generator=g) < 0.3).tolist() + [True] * 30 + [False] * 10
-    scales = []
-    for overflow in flags:
-        ours.update(overflow)
-        ref.update_scale(overflow)
-        assert ours.scale == ref.cur_scale, f"step {len(scales)}: {ours.scale} != {ref.cur_scale}"
-        scales.append(ours.scale)
-    assert len(set(scales)) > 3 and min(scales) == 4  # it went up and down, and hit the floor
-
-
-def test_loss_scaler_stops_the_run_when_overflowing_at_the_minimum():
-    s = DynamicLossScaler(init_scale=8.0, min_scale=4.0)
-    s.update(True)
-    assert s.scale == 4.0
-    with pytest.raises(FloatingPointError, match=r"still overflow at the minimum loss scale \(4\)"):
-        s.update(True)
-
-
-def test_loss_scaler_loads_state_saved_by_the_earlier_counters():
-    s = DynamicLossScaler(hysteresis=2)
-    s.load_state_dict({"scale": 1024.0, "clean_steps": 5, "overflows_left": 1})
-    assert s.scale == 1024.0
-    s.update(True)  # one overflow left before a drop
-    assert s.scale == 512.0
-
-
-def test_loss_scaler_round_trips():
-    s = DynamicLossScaler(init_scale=8.0, growth_interval=2)
-    for overflow in (False, False, True, False):
-        s.update(overflow)
-    t = DynamicLossScaler()
-    t.load_state_dict(s.state_dict())
-    assert t.state_dict() == s.state_dict()
-    assert DynamicLossScaler.from_ds_fp16({"loss_scale": 128}).dynamic is False
-    with pytest.raises(ValueError, match="invalid loss scaler"):
-        DynamicLossScaler(init_scale=0)
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -291,47 +217,50 @@ def test_offloaded_state_dict_round_trip():
         assert torch.equal(p, q)
 
 
+def fp32_values(opt: HiFTOptimizer) -> list[torch.Tensor]:
+    """What the optimizer updates in fp32, per parameter: the weights, or the masters of bf16 weights."""
+    if opt.masters:
+        opt.store.synchronize()  # the last group's copy home waits for a forward that does not come
+        return [m.clone() for g in range(opt.num_groups) for m in opt._split(g, opt.store.home[g][MASTER])]
+    return [p.detach().clone() for ps in opt._params for p in ps]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adagrad"])
 def test_fused_flat_path_matches_torch_path(dtype, optimizer):
-    """kernel='triton' (interpreted on CPU): one launch per group over flat buffers."""
+    """kernel='triton' (interpreted on CPU): one launch per group over flat buffers, clipping folded in."""
     kw = dict(lr=0.01, momentum=0.9) if optimizer == "sgd" else dict(lr=0.01, weight_decay=0.1)
     if optimizer == "adagrad":
         kw = dict(lr=0.01)
+    # Group gradient norms here are 0.6-1.5: a clip at 0.3 scales every update. Two cycles, because AdamW's and
+    # AdaGrad's first update of a parameter does not depend on the gradient's scale (nor on the clip).
     a, b = tiny_llama(dtype=dtype), tiny_llama(dtype=dtype)
-    opt_a = HiFTOptimizer(a, optimizer, kernel="torch", offload="cpu", max_grad_norm=1.0, **kw)
-    opt_b = HiFTOptimizer(b, optimizer, kernel="triton", offload="cpu", max_grad_norm=1.0, **kw)
+    opt_a = HiFTOptimizer(a, optimizer, kernel="torch", offload="cpu", max_grad_norm=0.3, **kw)
+    opt_b = HiFTOptimizer(b, optimizer, kernel="triton", offload="cpu", max_grad_norm=0.3, **kw)
     assert opt_b._flat and not opt_a._flat
     # Group weights are one buffer; the active group's grads are views into one flat buffer.
     g = opt_b.active_group
     assert all(p.data_ptr() == v.data_ptr() for p, v in zip(opt_b._params[g], opt_b._split(g, opt_b._weights[g])))
-    # One cycle: the kernel rounds differently from torch's addcdiv (last-ulp differences that
-    # later cycles amplify), so compare after each group's first update at a tight tolerance.
-    for s in range(opt_a.num_groups):
+    init = fp32_values(opt_a)
+    for s in range(2 * opt_a.num_groups):
         x = batch(s)
         for m, o in ((a, opt_a), (b, opt_b)):
             m(input_ids=x, labels=x).loss.backward()
             o.step()
             o.zero_grad()
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-4)
-    if dtype == torch.bfloat16:
-        opt_b.store.synchronize()
-        for g in range(opt_b.num_groups):
-            for p, master in zip(opt_b._params[g], opt_b._split(g, opt_b.store.home[g][MASTER])):
-                assert torch.equal(p, master.to(torch.bfloat16))
-
-
-def test_fused_flat_path_fp16_overflow_skips():
-    model = tiny_llama(dtype=torch.float16)
-    opt = HiFTOptimizer(model, "adamw", kernel="triton", offload="cpu", lr=1e-3)
-    before = [p.detach().clone() for p in model.parameters()]
-    x = batch(0)
-    opt.backward(model(input_ids=x, labels=x).loss)
-    opt._grad_buf[3] = float("nan")
-    opt.step()
-    assert opt.overflow and opt.active_group == 0 and opt.loss_scale == 2.0 ** 15
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # The kernel rounds differently from torch's ops (last bits, which AdamW can amplify where v is tiny), so
+    # each parameter may differ by a fraction of how far the update moved it: measured up to 1e-3 in fp32 and
+    # 7e-5 in bf16 (both compare fp32 values: bf16 weights are checked as the cast of their masters).
+    # An update lost, or a clip off by the norm's square, is off by 20-100% of the move.
+    for name, p0, p, q in zip([n for g in range(opt_a.num_groups) for n in opt_a.group_param_names(g)], init,
+                              fp32_values(opt_a), fp32_values(opt_b)):
+        moved = float((p - p0).abs().max())
+        assert moved > 0, f"{name} did not train"
+        assert float((q - p).abs().max()) <= 1e-2 * moved, f"{name}: flat path off by more than 1% of the update"
+    if dtype == torch.bfloat16:  # on both paths the weights are the cast of their masters
+        for opt in (opt_a, opt_b):
+            weights = [p for ps in opt._params for p in ps]
+            assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(weights, fp32_values(opt)))
 
 
 def test_flat_path_survives_grads_set_to_none():

@@ -1,0 +1,180 @@
+"""fp16: the dynamic loss scaler, and a skipped overflow step (standalone optimizer and DeepSpeed engine).
+
+A step that overflows must leave no trace but the lower loss scale: same weights, same optimizer
+state and step counts, same group and LR next step. So a run with one overflow must equal, step by
+step and bit for bit, a clean run started at the lowered scale (scaling by a power of two is exact
+in fp16 away from its range limits, measured here: the clean runs at 2**16 and 2**15 are identical).
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import batch, tiny_llama
+from hift_ds import HiFTOptimizer
+from hift_ds.precision import DynamicLossScaler
+
+
+def poison_a_gradient(model) -> None:
+    """Put an inf into one gradient of the active group, as an fp16 overflow in backward would."""
+    grad = next(p.grad for p in model.parameters() if p.grad is not None)
+    grad.view(-1)[0] = math.inf
+
+
+# ---- the scaler ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hysteresis,consecutive", [(1, False), (2, False), (3, False), (2, True)])
+def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive):
+    """Same scale after every step as DeepSpeed's DynamicLossScaler for the same fp16 config."""
+    from deepspeed.runtime.fp16 import loss_scaler as ds
+
+    monkeypatch.setattr(ds.dist, "get_rank", lambda *a, **k: 0)  # it only logs on rank 0
+    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 3, "hysteresis": hysteresis,
+            "consecutive_hysteresis": consecutive, "min_loss_scale": 4}
+    ours = DynamicLossScaler.from_ds_fp16(fp16)
+    ours.raise_at_min_scale = False  # as the reference below, to follow it along the floor
+    ref = ds.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=3, min_scale=4, delayed_shift=hysteresis,
+                               consecutive_hysteresis=consecutive, raise_error_at_min_scale=False)
+    g = torch.Generator().manual_seed(hysteresis + 10 * consecutive)
+    flags = (torch.rand(200, generator=g) < 0.3).tolist() + [True] * 30 + [False] * 10
+    scales = []
+    for overflow in flags:
+        ours.update(overflow)
+        ref.update_scale(overflow)
+        assert ours.scale == ref.cur_scale, f"step {len(scales)}: {ours.scale} != {ref.cur_scale}"
+        scales.append(ours.scale)
+    assert len(set(scales)) > 3 and min(scales) == 4  # it went up and down, and hit the floor
+
+
+def test_loss_scaler_stops_the_run_when_overflowing_at_the_minimum():
+    s = DynamicLossScaler(init_scale=8.0, min_scale=4.0)
+    s.update(True)
+    assert s.scale == 4.0
+    with pytest.raises(FloatingPointError, match=r"still overflow at the minimum loss scale \(4\)"):
+        s.update(True)
+
+
+def test_loss_scaler_loads_state_saved_by_the_earlier_counters():
+    s = DynamicLossScaler(hysteresis=2)
+    s.load_state_dict({"scale": 1024.0, "clean_steps": 5, "overflows_left": 1})
+    assert s.scale == 1024.0
+    s.update(True)  # one overflow left before a drop
+    assert s.scale == 512.0
+
+
+def test_loss_scaler_round_trips():
+    s = DynamicLossScaler(init_scale=8.0, growth_interval=2)
+    for overflow in (False, False, True, False):
+        s.update(overflow)
+    t = DynamicLossScaler()
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict()
+    assert DynamicLossScaler.from_ds_fp16({"loss_scale": 128}).dynamic is False
+    with pytest.raises(ValueError, match="invalid loss scaler"):
+        DynamicLossScaler(init_scale=0)
+
+
+def test_loss_scaler_from_a_deepspeed_fp16_block():
+    """Each key of DeepSpeed's "fp16" block, and DeepSpeed's defaults where a key is absent."""
+    ds = DynamicLossScaler.from_ds_fp16({"initial_scale_power": 5, "loss_scale_window": 7, "min_loss_scale": 0.5,
+                                         "hysteresis": 3, "consecutive_hysteresis": True})
+    assert (ds.scale, ds.growth_interval, ds.min_scale, ds.hysteresis, ds.consecutive_hysteresis, ds.dynamic) == (
+        32.0, 7, 0.5, 3, True, True)
+    default = DynamicLossScaler.from_ds_fp16({})
+    assert (default.scale, default.growth_interval, default.min_scale, default.hysteresis,
+            default.consecutive_hysteresis) == (2.0 ** 16, 1000, 1.0, 2, False)
+    static = DynamicLossScaler.from_ds_fp16({"loss_scale": 128})
+    for overflow in (True, True, False):
+        static.update(overflow)
+    assert (static.scale, static.dynamic) == (128.0, False)
+
+
+# ---- a skipped step, standalone ---------------------------------------------------------------------
+def train_fp16(init_scale: float, steps: int, overflow_at: int | None = None, **kw) -> tuple:
+    """``steps`` applied steps (plus one skipped attempt at ``overflow_at``); snapshots after each attempt."""
+    model = tiny_llama(dtype=torch.float16)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, weight_decay=0.1, loss_scaler=DynamicLossScaler(
+        init_scale, hysteresis=1), **kw)
+    attempts, applied = [], 0
+    while applied < steps:
+        x = batch(applied)  # the retry of a skipped step sees the same batch
+        group = opt.active_group
+        opt.backward(model(input_ids=x, labels=x).loss)
+        if len(attempts) == overflow_at:
+            poison_a_gradient(model)
+        opt.step()
+        opt.zero_grad()
+        applied += not opt.overflow
+        attempts.append(dict(group=group, overflow=opt.overflow, scale=opt.loss_scale,
+                             steps=[list(s) for s in opt._steps], done=opt.schedule.steps_done,
+                             params=[p.detach().clone() for p in model.parameters()]))
+    return opt, attempts
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"], ids=["torch", "flat"])
+def test_overflow_skips_and_the_run_equals_a_clean_run_at_the_lower_scale(kernel):
+    """AdamW fp16, overflow on the first step of group 2: nothing moves, then the retry is the clean run's step."""
+    at = 2
+    opt, attempts = train_fp16(2.0 ** 16, 8, overflow_at=at, kernel=kernel, offload="cpu")
+    ref_opt, ref = train_fp16(2.0 ** 15, 8, kernel=kernel, offload="cpu")
+    skipped = attempts.pop(at)
+    assert skipped["overflow"] and opt.skipped_steps == 1 and ref_opt.skipped_steps == 0
+    assert skipped["scale"] == 2.0 ** 15 and skipped["group"] == attempts[at]["group"] == 2
+    before = attempts[at - 1]
+    assert skipped["done"] == before["done"] and skipped["steps"] == before["steps"]  # no step was counted
+    assert all(torch.equal(p, q) for p, q in zip(skipped["params"], before["params"]))
+    for i, (mine, theirs) in enumerate(zip(attempts, ref)):
+        assert not mine["overflow"] and (mine["group"], mine["done"], mine["steps"]) == (
+            theirs["group"], theirs["done"], theirs["steps"]), f"applied step {i}"
+        assert all(torch.equal(p, q) for p, q in zip(mine["params"], theirs["params"])), f"applied step {i} differs"
+    assert not all(torch.equal(p, q) for p, q in zip(attempts[-1]["params"], attempts[0]["params"]))
+    mine, theirs = opt.state_dict(), ref_opt.state_dict()
+    for g, (a, b) in enumerate(zip(mine["state"], theirs["state"])):
+        assert all(torch.equal(a[k], b[k]) for k in b), f"group {g}: optimizer state differs"
+
+
+# ---- a skipped step through the DeepSpeed engine ----------------------------------------------------
+def train_engine_fp16(scale_power: int, steps: int, overflow_at: int | None = None) -> tuple:
+    """hift_ds.initialize with fp16 and a per-cycle LR; snapshots after each attempted step."""
+    import _engine_worker as W
+    import hift_ds
+
+    # WarmupLR over 4 cycles (16 steps, k = 4): the LR differs in every cycle of this run.
+    cfg = W.ds_config(fp16={"enabled": True, "initial_scale_power": scale_power, "hysteresis": 1},
+                      scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                                "warmup_num_steps": 16}})
+    engine, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(), config=cfg)
+    attempts, applied = [], 0
+    while applied < steps:
+        x = W.tokens(applied)
+        group, lr = opt.active_group, opt.param_groups[opt.active_group]["lr"]
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        if len(attempts) == overflow_at:
+            poison_a_gradient(engine.module)
+        engine.step()
+        applied += not opt.overflow
+        attempts.append(dict(group=group, lr=lr, lr_after=opt.param_groups[opt.active_group]["lr"],
+                             overflow=opt.overflow, scale=opt.loss_scale, steps=[list(s) for s in opt._steps],
+                             params=[p.detach().clone() for p in engine.module.parameters()]))
+    return engine, opt, attempts
+
+
+@pytest.mark.usefixtures("single_rank_env")
+def test_engine_fp16_overflow_at_a_cycle_end_retries_like_a_clean_run_and_holds_the_lr():
+    """One CPU process trains fp16 through the engine; the skipped last step of cycle 0 neither ends the cycle nor
+    moves the LR, and every applied step equals the clean run at the lowered scale."""
+    k, at = 4, 3
+    engine, opt, attempts = train_engine_fp16(12, 2 * k, overflow_at=at)
+    _, ref_opt, ref = train_engine_fp16(11, 2 * k)
+    assert all(p.dtype == torch.float16 for p in engine.module.parameters())
+    skipped = attempts.pop(at)
+    assert skipped["overflow"] and engine.skipped_steps == 1 and opt.skipped_steps == 1
+    assert skipped["scale"] == 2.0 ** 11 == ref_opt.loss_scale
+    assert skipped["group"] == attempts[at]["group"] == k - 1  # the same group is retried
+    assert skipped["lr_after"] == skipped["lr"] == attempts[at]["lr"]  # the LR did not advance on the skip
+    assert skipped["steps"] == attempts[at - 1]["steps"]
+    assert all(torch.equal(p, q) for p, q in zip(skipped["params"], attempts[at - 1]["params"]))
+    for i, (mine, theirs) in enumerate(zip(attempts, ref)):
+        assert (mine["group"], mine["lr"], mine["steps"]) == (theirs["group"], theirs["lr"], theirs["steps"]), i
+        assert all(torch.equal(p, q) for p, q in zip(mine["params"], theirs["params"])), f"applied step {i} differs"
+    lrs = [a["lr"] for a in attempts]
+    assert lrs[:k] == [lrs[0]] * k and lrs[k:] == [lrs[k]] * k and 0 < lrs[0] < lrs[k]
