@@ -55,8 +55,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_worker(script: str, world: int, out: str, ckpt: str, phase: str, timeout: int = 400) -> dict:
-    """Run tests/<script> on ``world`` gloo ranks (args OUT CKPT PHASE); rank 0's OUT/<phase>_w<world>.pt."""
+def torchrun_launch(script: str, world: int, out: str, ckpt: str, phase: str, timeout: int = 400) -> None:
+    """Run tests/<script> on ``world`` gloo ranks with the arguments OUT CKPT PHASE; it must succeed."""
     import subprocess
     import sys
 
@@ -67,6 +67,11 @@ def torchrun_worker(script: str, world: int, out: str, ckpt: str, phase: str, ti
                            "--master_port", str(free_port()), os.path.join(os.path.dirname(__file__), script),
                            out, ckpt, phase], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def torchrun_worker(script: str, world: int, out: str, ckpt: str, phase: str, timeout: int = 400) -> dict:
+    """Run tests/<script> on ``world`` gloo ranks (args OUT CKPT PHASE); rank 0's OUT/<phase>_w<world>.pt."""
+    torchrun_launch(script, world, out, ckpt, phase, timeout)
     return torch.load(os.path.join(out, f"{phase}_w{world}.pt"), weights_only=False)
 
 
@@ -80,3 +85,19 @@ def single_rank_env():
         if not torch.distributed.is_initialized():
             mp.setenv("MASTER_PORT", str(free_port()))
         yield
+
+
+def assert_equal_tree(a, b, where="") -> None:
+    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_equal_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

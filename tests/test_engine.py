@@ -19,7 +19,7 @@ from hift_ds.offload import MASTER
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _engine_worker as W  # noqa: E402
-from conftest import free_port  # noqa: E402
+from conftest import assert_equal_tree, free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_engine_worker.py")
@@ -53,22 +53,6 @@ def assert_changed(params: dict) -> None:
     init = W.params_of(W.tiny_llama())
     unchanged = [n for n in params if torch.equal(params[n].float(), init[n])]
     assert not unchanged, f"not trained: {unchanged}"
-
-
-def assert_equal_tree(a, b, where="") -> None:
-    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def train_standalone(model, opt: HiFTOptimizer, steps: int, micro: int, gas: int, record: list | None = None):
@@ -219,6 +203,26 @@ def test_lr_schedule_in_steps_advances_once_per_cycle(caplog):
     assert "warmup_num_steps: 8 steps / 4 per cycle, rounded up = 2 cycles" in logs[0]
     assert "total_num_steps: 40 steps / 4 per cycle, rounded up = 10 cycles, + 1" in logs[0]
     assert logs[0].endswith("= 11 cycles")
+
+
+def test_lr_per_cycle_with_gradient_accumulation_is_the_schedule_in_cycles():
+    """gas=3: the LR is read at every micro-batch; it changes only between cycles, to the values computed by hand."""
+    gas, peak = 3, 1e-2
+    # 8 and 24 optimizer steps are 2 and 6 cycles of K = 4; HiFT adds one cycle to the total and runs cycle c at
+    # iteration c + 1. Linear warm-up: lr = peak * it / 2 below iteration 2, then peak * (7 - it) / (7 - 2).
+    sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": 8,
+                                                  "total_num_steps": 24, "warmup_type": "linear"}}
+    expected = [peak * 1 / 2, peak, peak * 4 / 5, peak * 3 / 5]
+    engine, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(), config=W.ds_config(gas=gas, scheduler=sched))
+    for step in range(len(expected) * K):
+        for micro in range(gas):
+            lrs = [pg["lr"] for pg in opt.param_groups] + engine.get_lr()
+            assert lrs == pytest.approx([expected[step // K]] * len(lrs), rel=1e-12), (step, micro, lrs)
+            assert opt.schedule.steps_done == step
+            x = W.tokens(step, micro)
+            engine.backward(engine(input_ids=x, labels=x).loss)
+            engine.step()
+    assert opt.cycle == len(expected) and engine.global_steps == len(expected) * K
 
 
 def test_warmup_cosine_last_cycle_is_above_its_floor():
