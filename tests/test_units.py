@@ -39,6 +39,43 @@ def test_discovery_covers_every_parameter_once(arch):
         assert any(n.startswith("classifier") for n in head)
 
 
+# Per architecture: the block list, the embedding unit's parameters, the last unit's (final norm + head).
+# A tied head (GPT-2, OPT, BERT-style MLM) shares the embedding weight and is listed with the embeddings.
+MEMBERS = {
+    "llama": ("model.layers", ["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"]),
+    "mistral": ("model.layers", ["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"]),
+    "qwen2": ("model.layers", ["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"]),
+    "gpt2": ("transformer.h", ["transformer.wte.weight", "transformer.wpe.weight"],
+             ["transformer.ln_f.weight", "transformer.ln_f.bias"]),
+    "opt": ("model.decoder.layers", ["model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"],
+            ["model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias"]),
+    "gpt_neox": ("gpt_neox.layers", ["gpt_neox.embed_in.weight"],
+                 ["gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "lm_head.weight"]),
+    "bert": ("bert.encoder.layer", [f"bert.embeddings.{n}" for n in (
+        "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight", "LayerNorm.weight",
+        "LayerNorm.bias")], ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                             "classifier.bias"]),
+    "roberta": ("roberta.encoder.layer", [f"roberta.embeddings.{n}" for n in (
+        "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight", "LayerNorm.weight",
+        "LayerNorm.bias")], [f"classifier.{n}.{k}" for n in ("dense", "out_proj") for k in ("weight", "bias")]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_units_hold_embeddings_then_each_block_in_order_then_norm_and_head(arch):
+    """Unit 0 the embeddings, unit 1 + i exactly block i's parameters (the same objects), the last the norm and head."""
+    model = ARCHS[arch]()
+    blocks, embeddings, head = MEMBERS[arch]
+    units = discover_units(model)
+    assert sorted(n for n, _ in units[0].params) == sorted(embeddings)
+    assert sorted(n for n, _ in units[-1].params) == sorted(head)
+    stack = model.get_submodule(blocks)
+    assert [u.name for u in units[1:-1]] == [f"{blocks}.{i}" for i in range(len(stack))]
+    for i, (unit, block) in enumerate(zip(units[1:-1], stack)):
+        expected = [(f"{blocks}.{i}.{n}", p) for n, p in block.named_parameters()]
+        assert [n for n, _ in unit.params] == [n for n, _ in expected], f"unit {i + 1} is not block {i}"
+        assert all(p is q for (_, p), (_, q) in zip(unit.params, expected)), f"unit {i + 1} holds other tensors"
+
 def test_tied_lm_head_belongs_to_embeddings_and_updates_once():
     model = ARCHS["gpt2"]()
     assert model.lm_head.weight is model.transformer.wte.weight
