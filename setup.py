@@ -47,6 +47,8 @@ setup(
         "test": ["pytest>=8", *HF_EXTRA, "peft>=0.21"],
         # the torchao-offload set-ups of the benchmarks (CUDA only; no runtime dependencies of its own)
         "bench": ["torchao"],
+        # tests/mutation/run.py (not part of CI); it reads mutmut 3's config keys and result files
+        "mutation": ["pytest>=8", "mutmut>=3.8,<4"],
     },
     entry_points={"console_scripts": ["hift-profile=hift_ds.profile:main"]},
 )

@@ -322,6 +322,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_active_group()
+        return loss
+
+    def _step_active_group(self) -> None:
+        # step()'s body, undecorated: no_grad applies through step(), and mutmut (docs/testing.md)
+        # skips decorated functions.
         g = self.active_group
         params = self._params[g]
         self._prepare_step(g)
@@ -356,7 +362,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             self.zero_grad()
             logger.warning("fp16 overflow: step skipped, loss scale now %g", self.scaler.scale)
-            return loss
+            return
         if self.max_grad_norm > 0 and grads:
             # Clip by the active group's norm, folded into the unscale factor the kernel applies.
             sq = torch.linalg.vector_norm(flat_grad, dtype=torch.float32) ** 2 if self._flat else sum(
@@ -380,7 +386,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._deactivate(g)
         self.schedule.advance()
         self._activate(self.active_group)
-        return loss
 
     def _update_builtin(self, g: int, idx: list[int], grads: list[Tensor], inv_scale: float) -> None:
         params = self._params[g]

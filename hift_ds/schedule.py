@@ -48,7 +48,7 @@ class GroupSchedule:
     @property
     def active(self) -> int:
         """Index of the group trained by the next optimizer step."""
-        return self.order(self.cycle)[self.index]
+        return self.peek(0)
 
     def peek(self, ahead: int = 1) -> int:
         """Group that will be active after ``ahead`` more ``advance()`` calls (``peek(0)`` is ``active``)."""

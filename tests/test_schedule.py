@@ -51,7 +51,8 @@ def test_resume_with_other_settings_is_refused():
             s.load_state_dict(saved)
         assert (s.strategy, s.steps_done) == (strategy, 0)  # refused without switching or moving
     s = GroupSchedule(5, "random", seed=99)
-    with pytest.raises(ValueError, match=r"trained with HiFT seed 1 but this run uses seed 99; set hift.seed .* to 1"):
+    with pytest.raises(ValueError, match=r"^checkpoint was trained with HiFT seed 1 but this run uses seed 99; set "
+                                         r"hift.seed \(HiFTOptimizer seed=\) to 1 to resume the same random order$"):
         s.load_state_dict(saved)
     assert (s.seed, s.steps_done) == (99, 0)
     with pytest.raises(ValueError, match="checkpoint has 5 HiFT groups but this run has 4"):
@@ -94,18 +95,94 @@ def test_peek_across_a_cycle_boundary(strategy, seed):
         assert len({tuple(s.order(c)) for c in range(7)}) > 1
 
 
+def test_one_group_is_a_cycle_every_step():
+    s = GroupSchedule(1)
+    assert [s.advance() for _ in range(3)] == [True] * 3 and (s.active, s.cycle) == (0, 3)
+    assert s.peek() == s.peek(1) == 0
+
+
+def test_peek_looks_one_step_ahead_by_default():
+    s = GroupSchedule(4, steps_done=2)
+    assert (s.active, s.peek()) == (2, 3)
+
+
 def test_bad_input():
-    with pytest.raises(ValueError, match="unknown HiFT strategy 'sideways'"):
+    with pytest.raises(ValueError, match=r"^unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random$"):
         GroupSchedule(3, "sideways")
-    with pytest.raises(ValueError, match="num_groups must be >= 1"):
+    with pytest.raises(ValueError, match=r"^num_groups must be >= 1, got 0$"):
         GroupSchedule(0)
     s = GroupSchedule(3)
     with pytest.raises(ValueError, match="checkpoint has 4 HiFT groups but this run has 3"):
         s.load_state_dict(GroupSchedule(4).state_dict())
 
 
+class _Optimizer:
+    """What CycleLRScheduler reads of a HiFTOptimizer: its cycle count and param_groups."""
+
+    def __init__(self, cycle: int = 0):
+        self.cycle = cycle
+        self.param_groups = [{"lr": 0.5}, {"lr": 0.25}]
+
+
+class _Scheduler:
+    """An inner LR scheduler that records its step() calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def step(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+    def state_dict(self):
+        return {"calls": len(self.calls)}
+
+    def load_state_dict(self, state):
+        self.calls = [((), {})] * state["calls"]
+
+
+def test_cycle_lr_scheduler_steps_the_inner_one_once_per_completed_cycle():
+    from hift_ds import lr_cycle_scheduler
+
+    opt, inner = _Optimizer(cycle=2), _Scheduler()
+    sched = lr_cycle_scheduler(inner, opt)
+    assert sched.scheduler is inner and sched.optimizer is opt
+    sched.step()
+    assert inner.calls == []  # cycles completed before the wrapper existed are not replayed
+    opt.cycle = 3
+    sched.step(7, epoch=1)
+    sched.step()  # still cycle 3
+    assert inner.calls == [((7,), {"epoch": 1})]
+    opt.cycle = 5  # two cycles since the last call: both are stepped
+    sched.step()
+    assert len(inner.calls) == 3
+    assert sched.get_last_lr() == [0.5, 0.25]
+    state = sched.state_dict()
+    assert state == {"inner": {"calls": 3}, "cycles_seen": 5}
+
+    resumed = lr_cycle_scheduler(_Scheduler(), _Optimizer(cycle=0))
+    resumed.load_state_dict(state)
+    assert len(resumed.scheduler.calls) == 3 and resumed.state_dict() == state
+    resumed.optimizer.cycle = 6
+    resumed.step()
+    assert len(resumed.scheduler.calls) == 4  # counts on from the saved cycle, not from 0
+
+    # The optimizer restarted at cycle 0 without its state: count cycles from there.
+    resumed.optimizer.cycle = 0
+    resumed.restart_cycle_count()
+    resumed.optimizer.cycle = 1
+    resumed.step()
+    assert len(resumed.scheduler.calls) == 5
+
+
 def test_cycle_lr_scheduler_needs_a_hift_optimizer():
     from hift_ds import lr_cycle_scheduler
 
-    with pytest.raises(TypeError, match="lr_cycle_scheduler needs a HiFTOptimizer, got list"):
+    with pytest.raises(TypeError, match=r"^lr_cycle_scheduler needs a HiFTOptimizer, got list$"):
         lr_cycle_scheduler(object(), [])
+    no_cycle = _Optimizer()
+    del no_cycle.cycle
+    no_groups = _Optimizer()
+    del no_groups.param_groups
+    for bad in (no_cycle, no_groups):
+        with pytest.raises(TypeError, match="needs a HiFTOptimizer, got _Optimizer"):
+            lr_cycle_scheduler(_Scheduler(), bad)

@@ -1,0 +1,115 @@
+"""Mutation testing of one core module with mutmut: ``python tests/mutation/run.py MODULE``.
+
+mutmut copies the package into ``mutants/`` and runs the tests against one mutant at a time. The
+package is staged under ``.mutation/MODULE/`` first, with ``kernels/`` placed where it is installed
+(``hift_ds/kernels``): mutmut names a mutant by its file path, and the tests import the mutated copy
+only if that path is the import path. Each module has its own stage, so two runs never share state.
+
+Not part of CI. Needs ``pip install -e ".[mutation]"``. Runs one worker at ``nice -n 10``; the score
+and the surviving mutants are printed at the end and written to ``.mutation/MODULE/summary.txt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASS = "\u01c1"  # mutmut's separator in method names: hift_ds.optimizer.xǁHiFTOptimizerǁstep__mutmut_3
+
+
+def _methods(module: str, cls: str, names: list[str]) -> list[str]:
+    return [f"{module}.x{CLASS}{cls}{CLASS}{n}__mutmut_*" for n in names]
+
+
+# Per module: the file (staged path), the focused test selection, and which functions count
+# (None: every function mutmut can mutate; it skips decorated ones such as properties).
+MODULES = {
+    "units": ("hift_ds/units.py", ["tests/test_units.py"], None),
+    "schedule": ("hift_ds/schedule.py", ["tests/test_schedule.py"], None),
+    "precision": ("hift_ds/precision.py", ["tests/test_precision.py", "-k", "loss_scaler or overflow_skips"], None),
+    "reference": ("hift_ds/kernels/reference.py",
+                  ["tests/test_kernels.py", "-k", "reference or torch_backend"], None),
+    # The step, activation and state_dict; not the constructor, ZeRO sharding or the memory report.
+    "optimizer": ("hift_ds/optimizer.py",
+                  ["tests/test_optimizer.py", "tests/test_precision.py", "tests/test_offload.py",
+                   "-k", "not cuda and not engine and not (equivalent and (2- or 3-))"],
+                  _methods("hift_ds.optimizer", "HiFTOptimizer", [
+                      "_step_active_group", "_update_builtin", "_reduce", "_split", "_activate", "_deactivate",
+                      "_adopt_grads", "_on_grad", "zero_grad", "backward", "reduce_in_next_backward",
+                      "_masters_from_model", "sync_masters_from_model", "_flatten_weights", "state_dict",
+                      "load_state_dict", "group_param_names", "group_units"])),
+    "offload": ("hift_ds/offload.py", ["tests/test_offload.py", "-k", "not cuda"], None),
+}
+
+
+def stage(module: str) -> Path:
+    """A fresh copy of the package (kernels at their import path) and the tests, with a mutmut config."""
+    path, tests, _ = MODULES[module]
+    where = ROOT / ".mutation" / module
+    shutil.rmtree(where, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "hift_ds", where / "hift_ds", ignore=skip)
+    shutil.copytree(ROOT / "kernels", where / "hift_ds" / "kernels", ignore=skip)
+    shutil.copytree(ROOT / "tests", where / "tests", ignore=skip)
+    (where / "pyproject.toml").write_text(f"""[tool.pytest.ini_options]
+testpaths = ["tests"]
+markers = ["gpu: needs a CUDA device", "slow: multi-process or end-to-end runs"]
+
+[tool.mutmut]
+source_paths = ["hift_ds"]
+only_mutate = [{json.dumps(path)}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore"]
+pytest_add_cli_args_test_selection = {json.dumps(tests)}
+use_git_change_detection = false
+""")
+    return where
+
+
+def summarise(module: str, where: Path) -> str:
+    """Score and the surviving mutants of the functions that count for ``module``."""
+    import fnmatch
+
+    path, _, patterns = MODULES[module]
+    codes = json.loads((where / "mutants" / f"{path}.meta").read_text())["exit_code_by_key"]
+    if patterns:
+        codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
+    status = Counter("killed" if c in (1, 3) else "survived" if c == 0 else "no tests" if c in (5, 33)
+                     else "timeout" if c in (24, -24, 36, 152, 255) else f"other ({c})" for c in codes.values())
+    killed = status["killed"] + status["timeout"]  # a mutant that hangs the tests is detected too
+    lines = [f"{module} ({path}): {killed}/{len(codes)} killed = {100 * killed / max(len(codes), 1):.1f}% "
+             f"({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}), {time.strftime('%Y-%m-%d')}"]
+    lines += [f"  survived: {k}" for k, c in sorted(codes.items()) if c == 0]
+    lines += [f"  no tests: {k}" for k, c in sorted(codes.items()) if c in (5, 33)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("module", choices=sorted(MODULES))
+    parser.add_argument("--summary-only", action="store_true", help="re-print the last run's summary")
+    args = parser.parse_args()
+    where = ROOT / ".mutation" / args.module
+    if not args.summary_only:
+        where = stage(args.module)
+        patterns = MODULES[args.module][2] or []
+        # One worker, low priority, one thread per process: the machine is shared.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        cmd = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", "1", *patterns]
+        with open(where / "mutmut.log", "w") as log:
+            code = subprocess.run(cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            sys.exit(f"mutmut exited {code}; see {where / 'mutmut.log'}")
+    text = summarise(args.module, where)
+    (where / "summary.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
