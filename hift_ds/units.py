@@ -7,7 +7,6 @@ same-class modules; users of other architectures pass one name pattern per unit 
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -147,4 +146,4 @@ def group_units(units: list[Unit], group_size: int | None = 1, num_groups: int |
     if not isinstance(group_size, int) or not 1 <= group_size <= n:
         raise ValueError(f"group_size={group_size!r} must be an integer between 1 and the unit count {n} "
                          "(units: embeddings, each block, head)")
-    return [units[i:i + group_size] for i in range(0, n, group_size)][: math.ceil(n / group_size)]
+    return [units[i:i + group_size] for i in range(0, n, group_size)]

@@ -6,6 +6,7 @@ step and bit for bit, a clean run started at the lowered scale (scaling by a pow
 in fp16 away from its range limits, measured here: the clean runs at 2**16 and 2**15 are identical).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -22,20 +23,22 @@ def poison_a_gradient(model) -> None:
 
 
 # ---- the scaler ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("hysteresis,consecutive", [(1, False), (2, False), (3, False), (2, True)])
-def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive):
+@pytest.mark.parametrize("hysteresis,consecutive,window", [(1, False, 3), (2, False, 3), (3, False, 3), (2, True, 3),
+                                                            (1, False, 1), (2, True, 1)])
+def test_loss_scaler_follows_deepspeed(monkeypatch, hysteresis, consecutive, window):
     """Same scale after every step as DeepSpeed's DynamicLossScaler for the same fp16 config."""
     from deepspeed.runtime.fp16 import loss_scaler as ds
 
     monkeypatch.setattr(ds.dist, "get_rank", lambda *a, **k: 0)  # it only logs on rank 0
-    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 3, "hysteresis": hysteresis,
+    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": window, "hysteresis": hysteresis,
             "consecutive_hysteresis": consecutive, "min_loss_scale": 4}
     ours = DynamicLossScaler.from_ds_fp16(fp16)
     ours.raise_at_min_scale = False  # as the reference below, to follow it along the floor
-    ref = ds.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=3, min_scale=4, delayed_shift=hysteresis,
+    ref = ds.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=window, min_scale=4, delayed_shift=hysteresis,
                                consecutive_hysteresis=consecutive, raise_error_at_min_scale=False)
     g = torch.Generator().manual_seed(hysteresis + 10 * consecutive)
-    flags = (torch.rand(200, generator=g) < 0.3).tolist() + [True] * 30 + [False] * 10
+    # Window 1 doubles the scale after every clean step: more overflows keep it in range.
+    flags = (torch.rand(200, generator=g) < (0.3 if window > 1 else 0.7)).tolist() + [True] * 30 + [False] * 10
     scales = []
     for overflow in flags:
         ours.update(overflow)
@@ -49,7 +52,9 @@ def test_loss_scaler_stops_the_run_when_overflowing_at_the_minimum():
     s = DynamicLossScaler(init_scale=8.0, min_scale=4.0)
     s.update(True)
     assert s.scale == 4.0
-    with pytest.raises(FloatingPointError, match=r"still overflow at the minimum loss scale \(4\)"):
+    with pytest.raises(FloatingPointError, match="^" + re.escape(
+            "fp16 gradients still overflow at the minimum loss scale (4); the run has diverged or needs more range: "
+            "lower the LR, enable gradient_clipping, use bf16, or lower fp16.min_loss_scale") + "$"):
         s.update(True)
 
 
@@ -59,6 +64,13 @@ def test_loss_scaler_loads_state_saved_by_the_earlier_counters():
     assert s.scale == 1024.0
     s.update(True)  # one overflow left before a drop
     assert s.scale == 512.0
+    # The clean steps count towards the growth window as they did: 4 of 5 saved, so the second clean step grows.
+    s = DynamicLossScaler(growth_interval=5)
+    s.load_state_dict({"scale": 1024.0, "clean_steps": 4, "overflows_left": 1})
+    s.update(False)
+    assert s.scale == 1024.0
+    s.update(False)
+    assert s.scale == 2048.0
 
 
 def test_loss_scaler_round_trips():
@@ -69,8 +81,19 @@ def test_loss_scaler_round_trips():
     t.load_state_dict(s.state_dict())
     assert t.state_dict() == s.state_dict()
     assert DynamicLossScaler.from_ds_fp16({"loss_scale": 128}).dynamic is False
-    with pytest.raises(ValueError, match="invalid loss scaler"):
-        DynamicLossScaler(init_scale=0)
+
+
+def test_loss_scaler_defaults_and_bad_settings():
+    s = DynamicLossScaler()
+    assert (s.scale, s.growth_interval, s.factor, s.min_scale, s.hysteresis, s.consecutive_hysteresis, s.dynamic,
+            s.raise_at_min_scale) == (2.0 ** 16, 1000, 2.0, 1.0, 1, False, True, True)
+    DynamicLossScaler(init_scale=0.5, factor=1.5, growth_interval=1, hysteresis=1)  # the edges are valid
+    for bad in (dict(init_scale=0), dict(factor=1.0), dict(growth_interval=0), dict(hysteresis=0)):
+        kw = dict(init_scale=2.0 ** 16, factor=2.0, growth_interval=1000, hysteresis=1) | bad
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"invalid loss scaler settings: init_scale={kw['init_scale']}, factor={kw['factor']}, "
+                f"growth_interval={kw['growth_interval']}, hysteresis={kw['hysteresis']}") + "$"):
+            DynamicLossScaler(**kw)
 
 
 def test_loss_scaler_from_a_deepspeed_fp16_block():
@@ -82,10 +105,11 @@ def test_loss_scaler_from_a_deepspeed_fp16_block():
     default = DynamicLossScaler.from_ds_fp16({})
     assert (default.scale, default.growth_interval, default.min_scale, default.hysteresis,
             default.consecutive_hysteresis) == (2.0 ** 16, 1000, 1.0, 2, False)
-    static = DynamicLossScaler.from_ds_fp16({"loss_scale": 128})
-    for overflow in (True, True, False):
-        static.update(overflow)
-    assert (static.scale, static.dynamic) == (128.0, False)
+    for value in (128, 1):
+        static = DynamicLossScaler.from_ds_fp16({"loss_scale": value})
+        for overflow in (True, True, False):
+            static.update(overflow)
+        assert (static.scale, static.dynamic) == (value, False)
 
 
 # ---- a skipped step, standalone ---------------------------------------------------------------------

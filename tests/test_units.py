@@ -1,4 +1,6 @@
 """Unit discovery, name-pattern units and grouping."""
+import re
+
 import pytest
 import torch
 import transformers as T
@@ -67,6 +69,7 @@ def test_units_hold_embeddings_then_each_block_in_order_then_norm_and_head(arch)
     model = ARCHS[arch]()
     blocks, embeddings, head = MEMBERS[arch]
     units = discover_units(model)
+    assert (units[0].name, units[-1].name) == ("embeddings", "head")
     assert sorted(n for n, _ in units[0].params) == sorted(embeddings)
     assert sorted(n for n, _ in units[-1].params) == sorted(head)
     stack = model.get_submodule(blocks)
@@ -99,18 +102,40 @@ def test_patterns_define_units(llama):
     assert sum(len(u.params) for u in units) == len(list(llama.parameters()))
 
 
+def whole(message: str) -> str:
+    """A pattern for pytest.raises(match=) that matches exactly ``message``."""
+    return "^" + re.escape(message) + "$"
+
+
 def test_pattern_errors(llama):
-    with pytest.raises(ValueError, match="leave 2 trainable parameter"):
+    with pytest.raises(ValueError, match=whole(
+            "units patterns leave 2 trainable parameter(s) out, e.g. ['model.norm.weight', 'lm_head.weight']; add a "
+            "pattern for them or freeze them (requires_grad=False) before building HiFT")):
         units_from_patterns(llama, ["model.embed_tokens", "model.layers.*"])
-    with pytest.raises(ValueError, match="more than one units pattern"):
+    names = [n for n, _ in llama.named_parameters()][1:]
+    with pytest.raises(ValueError, match=re.escape(f"leave {len(names)} trainable parameter(s) out, e.g. {names[:5]};")):
+        units_from_patterns(llama, ["model.embed_tokens"])  # the first five of many
+    doubled = [f"{n} (matched by 'model.*', 'model.layers.0')" for n, _ in llama.model.layers[0].named_parameters(
+        prefix="model.layers.0")][:5]
+    with pytest.raises(ValueError, match=whole(
+            f"parameters matched by more than one units pattern: {doubled}; make the patterns disjoint so every "
+            "parameter belongs to exactly one unit")):
         units_from_patterns(llama, ["model.*", "model.layers.0", "lm_head"])
-    with pytest.raises(TypeError, match="list of name patterns"):
-        units_from_patterns(llama, "model.*")
+    with pytest.raises(ValueError, match=whole(
+            "units pattern(s) ['decoder.*'] match no trainable parameter; remove or fix them")):
+        units_from_patterns(llama, ["model.*", "decoder.*", "lm_head"])
+    for bad in ("model.*", [], ["model.*", 3]):
+        with pytest.raises(TypeError, match=whole(f"units must be a non-empty list of name patterns (strings), got "
+                                                  f"{bad!r}")):
+            units_from_patterns(llama, bad)
 
 
 def test_unknown_architecture_asks_for_patterns():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="pass units="):
+    with pytest.raises(ValueError, match=whole(
+            "cannot find the transformer blocks of Sequential: no nn.ModuleList of identical blocks; pass units=[...] "
+            "(hift config 'units'), one module-name pattern per unit in bottom-to-top order, e.g. ['embed', "
+            "'layers.0', 'layers.1', 'norm|head']")):
         discover_units(model)
     opt = HiFTOptimizer(model, "sgd", units=["0", "2"], lr=0.1)
     assert opt.num_groups == 2
@@ -118,12 +143,67 @@ def test_unknown_architecture_asks_for_patterns():
 
 def test_no_trainable_parameters(llama):
     llama.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
+    with pytest.raises(ValueError, match=whole(
+            "LlamaForCausalLM has no trainable parameters (every requires_grad is False); unfreeze the parameters "
+            "HiFT should train before building the optimizer")):
         discover_units(llama)
+
+
+def test_parameters_frozen_by_a_previous_hift_wrapper_still_count(llama):
+    HiFTOptimizer(llama, "sgd", lr=0.1)  # freezes every group but the first
+    assert sum(p.requires_grad for p in llama.parameters()) < len(list(llama.parameters()))
+    assert [len(u.params) for u in discover_units(llama)] == [1, 9, 9, 9, 2]
+
+
+def test_one_block_and_root_parameters():
+    """A one-block stack is still the block list; a parameter on the model itself belongs to the head unit."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.layers = nn.ModuleList([nn.Linear(4, 4)])
+            self.scale = nn.Parameter(torch.ones(4))
+
+    units = discover_units(Net())
+    assert [[n for n, _ in u.params] for u in units] == [["embed.weight"], ["layers.0.weight", "layers.0.bias"],
+                                                         ["scale"]]
+
+
+class _Block(nn.Module):
+    def __init__(self, experts: int = 0):
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+        self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(experts)]) if experts else None
+
+
+def test_block_list_is_the_largest_stack_and_a_rival_of_half_its_size_is_refused():
+    def model(rival_out: int = 0, **stacks):
+        m = nn.Module()
+        m.layers = nn.ModuleList([_Block() for _ in range(4)])  # 4 x 72 = 288 parameters
+        m.rival = nn.ModuleList([nn.Linear(8, rival_out)] if rival_out else [])  # 9 * rival_out parameters
+        for name, stack in stacks.items():
+            setattr(m, name, stack)
+        return m
+
+    # No embeddings here; a stack of 108 parameters (over a third, under half) lands in the head unit.
+    assert [u.name for u in discover_units(model(12))] == [f"layers.{i}" for i in range(4)] + ["head"]
+    with pytest.raises(ValueError, match=re.escape("Module has several stacks of transformer blocks: layers (4 blocks), "
+                                                   "rival (1 blocks) (an encoder-decoder?)")):
+        discover_units(model(16))  # 144: exactly half the size
+    # Two equal stacks: both named, the first one in the model first.
+    with pytest.raises(ValueError, match=re.escape("stacks of transformer blocks: layers (4 blocks), zz (4 blocks)")):
+        discover_units(model(zz=nn.ModuleList([_Block() for _ in range(4)])))
+    # A stack inside the blocks (mixture-of-experts) is part of them, not a rival, whatever its size.
+    moe = nn.Module()
+    moe.layers = nn.ModuleList([_Block(experts=8)])
+    assert [u.name for u in discover_units(moe)] == ["layers.0"]
 
 
 def test_grouping(llama):
     units = discover_units(llama)  # 5 units
+    assert [len(g) for g in group_units(units)] == [1] * 5
+    assert [len(g) for g in group_units(units, None)] == [1] * 5
+    assert [len(g) for g in group_units(units, None, num_groups=1)] == [5]
     assert [len(g) for g in group_units(units, 2)] == [2, 2, 1]
     assert [len(g) for g in group_units(units, 5)] == [5]
     assert [len(g) for g in group_units(units, None, num_groups=3)] == [2, 1, 2]

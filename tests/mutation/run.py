@@ -94,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", choices=sorted(MODULES))
     parser.add_argument("--summary-only", action="store_true", help="re-print the last run's summary")
+    parser.add_argument("--show", action="store_true", help="with the summary, each surviving mutant's diff")
     args = parser.parse_args()
     where = ROOT / ".mutation" / args.module
     if not args.summary_only:
@@ -109,6 +110,11 @@ def main() -> None:
     text = summarise(args.module, where)
     (where / "summary.txt").write_text(text + "\n")
     print(text)
+    if args.show:
+        for name in (line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("  survived: ")):
+            diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=where, capture_output=True,
+                                  text=True).stdout
+            print(f"\n{name}\n" + "\n".join(line for line in diff.splitlines() if line[:2] in ("- ", "+ ")))
 
 
 if __name__ == "__main__":
