@@ -22,18 +22,24 @@ DEFAULTS = {"adamw": ADAM_DEFAULTS, "adam": {**ADAM_DEFAULTS, "weight_decay": 0.
             "adagrad": ADAGRAD_DEFAULTS}
 
 
+def _with_defaults(name: str, hyper: dict) -> dict:
+    # Hyper-parameters missing from ``hyper`` take torch.optim's defaults.
+    if name not in DEFAULTS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULTS)}")
+    return {**DEFAULTS[name], **hyper}
+
+
 def state_kinds(name: str, hyper: dict) -> dict[str, float]:
     """Per-parameter state buffers the named optimizer needs, mapped to their initial value."""
-    if name in ("adamw", "adam"):
-        kinds = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
-        if hyper.get("amsgrad"):
-            kinds["max_exp_avg_sq"] = 0.0
-        return kinds
+    hyper = _with_defaults(name, hyper)
     if name == "sgd":
-        return {"momentum_buffer": 0.0} if hyper.get("momentum", 0.0) != 0.0 else {}
+        return {"momentum_buffer": 0.0} if hyper["momentum"] != 0.0 else {}
     if name == "adagrad":
-        return {"sum": float(hyper.get("initial_accumulator_value", 0.0))}
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULTS)}")
+        return {"sum": float(hyper["initial_accumulator_value"])}
+    kinds = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+    if hyper["amsgrad"]:
+        kinds["max_exp_avg_sq"] = 0.0
+    return kinds
 
 
 def _grad(g: Tensor, inv_scale: float, maximize: bool) -> Tensor:
@@ -44,10 +50,9 @@ def _grad(g: Tensor, inv_scale: float, maximize: bool) -> Tensor:
 
 
 def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-          exp_avg_sqs: Sequence[Tensor], steps: Sequence[int], *, lr: float, betas=(0.9, 0.999),
-          eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = True, amsgrad: bool = False,
-          max_exp_avg_sqs: Sequence[Tensor] | None = None, maximize: bool = False,
-          inv_scale: float = 1.0) -> None:
+          exp_avg_sqs: Sequence[Tensor], steps: Sequence[int], *, lr: float, betas: tuple[float, float],
+          eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
+          max_exp_avg_sqs: Sequence[Tensor] | None, maximize: bool, inv_scale: float) -> None:
     """AdamW (decoupled=True) or Adam with L2 penalty (decoupled=False), in place."""
     beta1, beta2 = betas
     for i, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
@@ -71,9 +76,8 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
 
 
 def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor] | None,
-         steps: Sequence[int], *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-         weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
-         inv_scale: float = 1.0) -> None:
+         steps: Sequence[int], *, lr: float, momentum: float, dampening: float, weight_decay: float,
+         nesterov: bool, maximize: bool, inv_scale: float) -> None:
     """SGD with optional momentum, dampening, Nesterov and L2 weight decay, in place."""
     for i, (p, g, t) in enumerate(zip(params, grads, steps)):
         d = _grad(g, inv_scale, maximize)
@@ -90,15 +94,15 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
 
 
 def adagrad_(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
-             steps: Sequence[int], *, lr: float, lr_decay: float = 0.0, weight_decay: float = 0.0,
-             eps: float = 1e-10, maximize: bool = False, inv_scale: float = 1.0) -> None:
+             steps: Sequence[int], *, lr: float, lr_decay: float, weight_decay: float, eps: float,
+             maximize: bool, inv_scale: float) -> None:
     """AdaGrad with learning-rate decay and L2 weight decay, in place."""
     for p, g, s, t in zip(params, grads, state_sums, steps):
         g = _grad(g, inv_scale, maximize)
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)
         clr = lr / (1.0 + (t - 1) * lr_decay)
-        s.addcmul_(g, g, value=1.0)
+        s.addcmul_(g, g)
         p.addcdiv_(g, s.sqrt().add_(eps), value=-clr)
 
 
@@ -110,19 +114,15 @@ def has_inf_or_nan(grads: Sequence[Tensor]) -> bool:
 def update(name: str, hyper: dict, params: Sequence[Tensor], grads: Sequence[Tensor],
            state: dict[str, Sequence[Tensor]], steps: Sequence[int], inv_scale: float = 1.0) -> None:
     """Apply one update of optimizer ``name`` with hyper-parameters ``hyper`` (torch.optim names)."""
-    if name in ("adamw", "adam"):
-        adam_(params, grads, state["exp_avg"], state["exp_avg_sq"], steps, lr=hyper["lr"],
-              betas=tuple(hyper["betas"]), eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-              decoupled=name == "adamw", amsgrad=hyper.get("amsgrad", False),
-              max_exp_avg_sqs=state.get("max_exp_avg_sq"), maximize=hyper.get("maximize", False),
-              inv_scale=inv_scale)
-    elif name == "sgd":
-        sgd_(params, grads, state.get("momentum_buffer"), steps, lr=hyper["lr"], momentum=hyper["momentum"],
-             dampening=hyper["dampening"], weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"],
-             maximize=hyper.get("maximize", False), inv_scale=inv_scale)
+    h = _with_defaults(name, hyper)
+    if name == "sgd":
+        sgd_(params, grads, state.get("momentum_buffer"), steps, lr=h["lr"], momentum=h["momentum"],
+             dampening=h["dampening"], weight_decay=h["weight_decay"], nesterov=h["nesterov"], maximize=h["maximize"],
+             inv_scale=inv_scale)
     elif name == "adagrad":
-        adagrad_(params, grads, state["sum"], steps, lr=hyper["lr"], lr_decay=hyper["lr_decay"],
-                 weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=hyper.get("maximize", False),
-                 inv_scale=inv_scale)
+        adagrad_(params, grads, state["sum"], steps, lr=h["lr"], lr_decay=h["lr_decay"], weight_decay=h["weight_decay"],
+                 eps=h["eps"], maximize=h["maximize"], inv_scale=inv_scale)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULTS)}")
+        adam_(params, grads, state["exp_avg"], state["exp_avg_sq"], steps, lr=h["lr"], betas=tuple(h["betas"]),
+              eps=h["eps"], weight_decay=h["weight_decay"], decoupled=name == "adamw", amsgrad=h["amsgrad"],
+              max_exp_avg_sqs=state.get("max_exp_avg_sq"), maximize=h["maximize"], inv_scale=inv_scale)

@@ -54,6 +54,11 @@ REF_CASES = [
     ("sgd", dict(lr=0.1, weight_decay=0.1, maximize=True)),
     ("adagrad", dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.3)),
     ("adagrad", dict(lr=0.1, weight_decay=0.1, eps=1e-6)),
+    # Non-default eps, maximize and a weight decay of exactly 1 (a decay factor the code must not take for "off").
+    ("adamw", dict(lr=1e-2, weight_decay=1.0, eps=1e-3)),
+    ("adam", dict(lr=1e-2, eps=1e-3, maximize=True)),
+    ("sgd", dict(lr=0.1, momentum=0.9, weight_decay=1.0)),
+    ("adagrad", dict(lr=0.1, weight_decay=1.0, maximize=True)),
 ]
 
 
@@ -100,6 +105,41 @@ def test_reference_per_parameter_steps(name, kw):
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b.detach())
     assert steps == [5, 2]
+
+
+@pytest.mark.parametrize("name", sorted(reference.DEFAULTS))
+def test_reference_unscales_gradients_and_fills_in_defaults(name):
+    """inv_scale multiplies the gradients (fp16 loss scale, clipping); absent hyper-parameters take torch's."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(9, generator=gen) for _ in range(2)]
+    kw = dict(lr=0.1, momentum=0.9) if name == "sgd" else dict(lr=0.1)
+    results = []
+    for inv_scale, hyper, scaled in ((1.0, full(name, **kw), grads), (2.0, kw, [g / 2 for g in grads]),
+                                     (0.5, full(name, **kw), [g * 2 for g in grads])):
+        params = [torch.ones(9), torch.zeros(9)]
+        state = new_state(name, full(name, **kw), params)
+        for step in (1, 2):
+            reference.update(name, hyper, params, scaled, state, [step, step], inv_scale=inv_scale)
+        results.append(params)
+    for params in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], params))
+    assert not torch.equal(results[0][0], torch.ones(9))
+
+
+def test_state_kinds_per_optimizer_and_settings():
+    assert reference.state_kinds("adamw", {}) == reference.state_kinds("adam", {"amsgrad": False}) == {
+        "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    assert reference.state_kinds("adam", {"amsgrad": True}) == {"exp_avg": 0.0, "exp_avg_sq": 0.0,
+                                                                  "max_exp_avg_sq": 0.0}
+    assert reference.state_kinds("sgd", {}) == reference.state_kinds("sgd", {"momentum": 0.0}) == {}
+    assert reference.state_kinds("sgd", {"momentum": 0.9}) == {"momentum_buffer": 0.0}
+    assert reference.state_kinds("adagrad", {}) == {"sum": 0.0}
+    assert reference.state_kinds("adagrad", {"initial_accumulator_value": 0.3}) == {"sum": 0.3}
+    message = "^unknown optimizer 'lamb'; expected one of \\['adagrad', 'adam', 'adamw', 'sgd'\\]$"
+    with pytest.raises(ValueError, match=message):
+        reference.state_kinds("lamb", {})
+    with pytest.raises(ValueError, match=message):
+        reference.update("lamb", {}, [], [], {}, [])
 
 
 # ---- 2. Triton (interpreter) vs reference ----------------------------------------------------

@@ -101,6 +101,10 @@ def test_one_group_is_a_cycle_every_step():
     assert s.peek() == s.peek(1) == 0
 
 
+def test_defaults_and_state_dict():
+    assert GroupSchedule(3).state_dict() == {"num_groups": 3, "strategy": "bottom2up", "seed": 0, "steps_done": 0}
+
+
 def test_peek_looks_one_step_ahead_by_default():
     s = GroupSchedule(4, steps_done=2)
     assert (s.active, s.peek()) == (2, 3)
