@@ -38,7 +38,8 @@ MODULES = {
                   ["tests/test_kernels.py", "-k", "test_reference or torch_backend or state_kinds"], None),
     # The step, activation and state_dict; not the constructor, ZeRO sharding or the memory report.
     "optimizer": ("hift_ds/optimizer.py",
-                  ["tests/test_optimizer.py", "tests/test_precision.py", "tests/test_offload.py",
+                  ["tests/test_optimizer.py", "tests/test_optimizer_state.py", "tests/test_precision.py",
+                   "tests/test_offload.py",
                    "-k", "not cuda and not engine and not (equivalent and (2- or 3- or top2down)) "
                          "and not (fused_flat and (sgd or adagrad))"],
                   _methods("hift_ds.optimizer", "HiFTOptimizer", [
@@ -73,6 +74,21 @@ use_git_change_detection = false
     return where
 
 
+def refresh_tests(module: str, where: Path) -> list[str]:
+    """Copy the current tests into an existing stage; the survivors' names, to be run again."""
+    import filecmp
+
+    path = MODULES[module][0]
+    source = ROOT / ("kernels/" + path.rsplit("/", 1)[1] if "/kernels/" in path else path)
+    if not filecmp.cmp(source, where / path, shallow=False):
+        sys.exit(f"{source} changed since the last full run: its mutants are stale; run without --survivors")
+    shutil.rmtree(where / "tests")
+    shutil.copytree(ROOT / "tests", where / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.rmtree(where / "mutants" / "tests", ignore_errors=True)  # mutmut copies tests there; take the new ones
+    codes = json.loads((where / "mutants" / f"{path}.meta").read_text())["exit_code_by_key"]
+    return [k for k, c in codes.items() if c == 0]
+
+
 def summarise(module: str, where: Path) -> str:
     """Score and the surviving mutants of the functions that count for ``module``."""
     import fnmatch
@@ -96,11 +112,16 @@ def main() -> None:
     parser.add_argument("module", choices=sorted(MODULES))
     parser.add_argument("--summary-only", action="store_true", help="re-print the last run's summary")
     parser.add_argument("--show", action="store_true", help="with the summary, each surviving mutant's diff")
+    parser.add_argument("--survivors", action="store_true",
+                        help="after changing tests only: copy the tests in again and re-check the last run's survivors")
     args = parser.parse_args()
     where = ROOT / ".mutation" / args.module
     if not args.summary_only:
-        where = stage(args.module)
-        patterns = MODULES[args.module][2] or []
+        if args.survivors:
+            patterns = refresh_tests(args.module, where)
+        else:
+            where = stage(args.module)
+            patterns = MODULES[args.module][2] or []
         # One worker, low priority, one thread per process: the machine is shared.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         cmd = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", "1", *patterns]
