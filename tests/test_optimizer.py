@@ -298,3 +298,22 @@ def test_offload_auto_on_cuda_keeps_inactive_groups_in_pinned_host_memory(caplog
     assert opt.offload == "cpu" and opt.store.offload and opt.store.pinned
     assert opt.store.home[0][next(iter(opt.store.kinds))].is_pinned()
     assert "offload cpu (auto: model on cuda), pinned" in caplog.text
+
+
+def in_buffer(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether ``t`` is a view into the storage of the flat buffer ``buf``."""
+    return buf.data_ptr() <= t.data_ptr() < buf.data_ptr() + buf.numel() * buf.element_size()
+
+
+def test_zero2_backward_reduces_by_default_and_adopts_fresh_grads_as_views():
+    """opt.backward() arms the in-backward reduction (last micro-batch by default); grads made by autograd after
+    model.zero_grad() become views into the flat buffer, which the step reads (and must not zero again)."""
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, zero_stage=2, reduce_bucket_size=500)
+    active = opt._params[opt.active_group]
+    assert all(in_buffer(p.grad, opt._grad_buf) for p in active)
+    model.zero_grad(set_to_none=True)
+    x = batch(0)
+    opt.backward(model(input_ids=x, labels=x).loss)
+    assert opt._reducer.launched_in_backward > 1
+    assert all(p.grad is not None and in_buffer(p.grad, opt._grad_buf) for p in active)

@@ -18,7 +18,7 @@ VARIANTS = {
     "inner-rmsprop": dict(dtype=torch.float32, optimizer=torch.optim.RMSprop, lr=1e-2),
     "bf16-offload": dict(dtype=torch.bfloat16, optimizer="adamw", offload="cpu", lr=1e-2),
     "fp16-overflow": dict(dtype=torch.float16, optimizer="sgd", lr=0.1, momentum=0.9),
-    "zero2-one-rank": dict(dtype=torch.float32, optimizer="adamw", zero_stage=2, reduce_bucket_size=500, lr=1e-2),
+    "zero2-one-rank": dict(dtype=torch.bfloat16, optimizer="adamw", zero_stage=2, reduce_bucket_size=500, lr=1e-2),
 }
 SAVE_AT, STOP_AT, OVERFLOW_AT = 7, 12, 2
 
@@ -49,6 +49,7 @@ def test_state_dict_round_trip_resumes_exactly(variant):
     for pg in opt_a.param_groups:  # as an LR scheduler would: the checkpoint must carry it
         pg["lr"] *= 0.5
     saved_model, saved_opt = copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    assert saved_opt["hift"]["version"] == 1 and all("params" not in pg for pg in saved_opt["param_groups"])
     train(a, opt_a, SAVE_AT, STOP_AT)
 
     b, opt_b = make(variant, seed=5)
@@ -88,3 +89,17 @@ def test_state_dict_from_another_run_is_refused():
             "checkpoint lacks optimizer state 'max_exp_avg_sq' of group 0; it was saved with other optimizer settings "
             "(e.g. amsgrad, momentum or precision)")):
         amsgrad.load_state_dict(opt1.state_dict())
+
+
+def test_fp16_state_resumes_in_bf16():
+    """Switching an fp16 run to bf16 on resume: masters and moments load, the loss scale is dropped."""
+    a, opt_a = make("fp16-overflow")
+    train(a, opt_a, 0, SAVE_AT)
+    b = tiny_llama(seed=5, dtype=torch.bfloat16)
+    opt_b = HiFTOptimizer(b, "sgd", lr=0.1, momentum=0.9)
+    opt_b.load_state_dict(opt_a.state_dict())
+    assert opt_b.scaler is None and opt_b.schedule.steps_done == opt_a.schedule.steps_done
+    masters = opt_a.state_dict()["state"]
+    for g in range(opt_b.num_groups):  # the bf16 weights are the casts of the fp16 run's masters
+        assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(opt_b._params[g],
+                                                                         opt_b._split(g, masters[g]["master"])))

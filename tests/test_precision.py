@@ -156,6 +156,19 @@ def test_overflow_skips_and_the_run_equals_a_clean_run_at_the_lower_scale(kernel
         assert all(torch.equal(a[k], b[k]) for k in b), f"group {g}: optimizer state differs"
 
 
+def test_flat_path_keeps_grads_as_views_through_a_skipped_step():
+    """After model.zero_grad() and an overflow, the retried group's grads are views into the flat buffer again."""
+    model = tiny_llama(dtype=torch.float16)
+    opt = HiFTOptimizer(model, "adamw", kernel="triton", lr=1e-2)
+    model.zero_grad(set_to_none=True)
+    x = batch(0)
+    opt.backward(model(input_ids=x, labels=x).loss * math.inf)
+    opt.step()
+    buf = opt._grad_buf
+    assert opt.overflow and all(p.grad is not None and buf.data_ptr() <= p.grad.data_ptr() < buf.data_ptr() +
+                                buf.numel() * buf.element_size() for p in opt._params[opt.active_group])
+
+
 # ---- a skipped step through the DeepSpeed engine ----------------------------------------------------
 def train_engine_fp16(scale_power: int, steps: int, overflow_at: int | None = None) -> tuple:
     """hift_ds.initialize with fp16 and a per-cycle LR; snapshots after each attempted step."""
