@@ -337,12 +337,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             # divide by N for the data-parallel mean.
             flat_grad = self._reducer.finish(g)
             inv_scale /= self._comm.world
-            idx, grads = list(range(len(params))), [flat_grad]
+            grads = [flat_grad]
         else:
             # A parameter of the active group that got no gradient (unused in the forward) is
             # updated with a zero one, as DeepSpeed does and as a ZeRO shard spanning parameters
             # must: every backend then agrees, and a group's parameters share one step count.
-            idx = list(range(len(params)))
             if self._flat:
                 flat_grad = self._grad_buf[:self._weights[g].numel()]
                 grads = self._split(g, flat_grad)
@@ -363,7 +362,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.zero_grad()
             logger.warning("fp16 overflow: step skipped, loss scale now %g", self.scaler.scale)
             return
-        if self.max_grad_norm > 0 and grads:
+        if self.max_grad_norm > 0:
             # Clip by the active group's norm, folded into the unscale factor the kernel applies.
             sq = torch.linalg.vector_norm(flat_grad, dtype=torch.float32) ** 2 if self._flat else sum(
                 torch.linalg.vector_norm(gr.float()) ** 2 for gr in grads)
@@ -373,41 +372,37 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 inv_scale *= self.max_grad_norm / (norm + 1e-6)
         if self._comm is not None:
             self._update_shard(g, flat_grad, inv_scale)
-        elif grads:
-            if self._inner is not None:
-                if inv_scale != 1.0:
-                    for gr in grads:
-                        gr.mul_(inv_scale)
-                self._inner.step()
-            else:
-                self._update_builtin(g, idx, grads, inv_scale)
+        elif self._inner is not None:
+            if inv_scale != 1.0:
+                for gr in grads:
+                    gr.mul_(inv_scale)
+            self._inner.step()
+        else:
+            self._update_builtin(g, grads, inv_scale)
         if self.scaler is not None:
             self.scaler.update(False)
         self._deactivate(g)
         self.schedule.advance()
         self._activate(self.active_group)
 
-    def _update_builtin(self, g: int, idx: list[int], grads: list[Tensor], inv_scale: float) -> None:
-        params = self._params[g]
-        steps = self._steps[g]
-        for i in idx:
-            steps[i] += 1
+    def _update_builtin(self, g: int, grads: list[Tensor], inv_scale: float) -> None:
+        weights = [p.data for p in self._params[g]]
+        self._steps[g] = [s + 1 for s in self._steps[g]]
         bufs = self.store.acquire(g)
-        views = {k: self._split(g, buf) for k, buf in bufs.items()}
-        masters = views.pop(MASTER, None)
-        targets = [masters[i] for i in idx] if masters is not None else [params[i].data for i in idx]
-        state = {k: [v[i] for i in idx] for k, v in views.items()}
+        state = {k: self._split(g, buf) for k, buf in bufs.items()}
+        masters = state.pop(MASTER, None)
         hyper = {k: v for k, v in self.param_groups[g].items() if k not in ("params", "hift_group")}
         flat = None
-        if self._flat and len(idx) == len(params):
+        if self._flat:
             n = self._weights[g].numel()
             flat = {k: buf for k, buf in bufs.items() if k != MASTER}
             flat.update(param=bufs[MASTER] if MASTER in bufs else self._weights[g], grad=self._grad_buf[:n])
             if MASTER in bufs:
                 flat["model"] = self._weights[g]
-        model_params = [params[i].data for i in idx] if masters is not None and flat is None else None
-        kernels.apply_update(self.name, hyper, targets, grads, state, [steps[i] for i in idx],
-                             backend=self.backend, inv_scale=inv_scale, flat=flat, model_params=model_params)
+        model_params = weights if masters is not None and flat is None else None
+        kernels.apply_update(self.name, hyper, masters if masters is not None else weights, grads, state,
+                             self._steps[g], backend=self.backend, inv_scale=inv_scale, flat=flat,
+                             model_params=model_params)
         self.store.release(g)
 
     def _reduce(self, t: Tensor, op: str) -> float:

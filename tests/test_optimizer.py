@@ -124,10 +124,11 @@ def test_lr_advances_once_per_cycle():
     assert state["cycles_seen"] == 3
 
 
-def test_max_grad_norm_clips_the_active_group():
+@pytest.mark.parametrize("optimizer", ["sgd", torch.optim.RMSprop], ids=["builtin", "inner"])
+def test_max_grad_norm_clips_the_active_group(optimizer):
     model = tiny_llama()
     ref = copy.deepcopy(model)
-    opt = HiFTOptimizer(model, "sgd", lr=0.1, max_grad_norm=0.01)
+    opt = HiFTOptimizer(model, optimizer, lr=0.1, max_grad_norm=0.01)
     names = set(opt.group_param_names(0))
     x = batch(0)
     model(input_ids=x, labels=x).loss.backward()
@@ -135,9 +136,23 @@ def test_max_grad_norm_clips_the_active_group():
     for n, p in ref.named_parameters():
         p.requires_grad_(n in names)
     ref(input_ids=x, labels=x).loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 0.01)
-    torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1).step()
+    assert torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 0.01) > 0.01
+    ref_cls = torch.optim.SGD if optimizer == "sgd" else optimizer
+    ref_cls([p for p in ref.parameters() if p.requires_grad], lr=0.1).step()
     assert_same_params(model, ref)
+
+
+def test_zero_grad_drops_or_zeroes_the_active_gradients():
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "sgd", lr=0.1)
+    active = opt._params[opt.active_group]
+    x = batch(0)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in active)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.zero_grad()  # torch's default: set to None
+    assert all(p.grad is None for p in active)
 
 
 def test_bad_input():

@@ -113,8 +113,8 @@ def test_loss_scaler_from_a_deepspeed_fp16_block():
 
 
 # ---- a skipped step, standalone ---------------------------------------------------------------------
-def train_fp16(init_scale: float, steps: int, overflow_at: int | None = None, **kw) -> tuple:
-    """``steps`` applied steps (plus one skipped attempt at ``overflow_at``); snapshots after each attempt."""
+def train_fp16(init_scale: float, steps: int, overflow_at: tuple = (), **kw) -> tuple:
+    """``steps`` applied steps (plus a skipped attempt at each of ``overflow_at``); snapshots after each attempt."""
     model = tiny_llama(dtype=torch.float16)
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, weight_decay=0.1, loss_scaler=DynamicLossScaler(
         init_scale, hysteresis=1), **kw)
@@ -123,7 +123,7 @@ def train_fp16(init_scale: float, steps: int, overflow_at: int | None = None, **
         x = batch(applied)  # the retry of a skipped step sees the same batch
         group = opt.active_group
         opt.backward(model(input_ids=x, labels=x).loss)
-        if len(attempts) == overflow_at:
+        if len(attempts) in overflow_at:
             poison_a_gradient(model)
         opt.step()
         opt.zero_grad()
@@ -135,17 +135,22 @@ def train_fp16(init_scale: float, steps: int, overflow_at: int | None = None, **
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"], ids=["torch", "flat"])
-def test_overflow_skips_and_the_run_equals_a_clean_run_at_the_lower_scale(kernel):
-    """AdamW fp16, overflow on the first step of group 2: nothing moves, then the retry is the clean run's step."""
+def test_overflows_skip_and_the_run_equals_a_clean_run_at_the_lower_scale(kernel, caplog):
+    """AdamW fp16, two overflows on the first step of group 2: nothing moves, then the retry is the clean run's step."""
     at = 2
-    opt, attempts = train_fp16(2.0 ** 16, 8, overflow_at=at, kernel=kernel, offload="cpu")
-    ref_opt, ref = train_fp16(2.0 ** 15, 8, kernel=kernel, offload="cpu")
-    skipped = attempts.pop(at)
-    assert skipped["overflow"] and opt.skipped_steps == 1 and ref_opt.skipped_steps == 0
-    assert skipped["scale"] == 2.0 ** 15 and skipped["group"] == attempts[at]["group"] == 2
+    with caplog.at_level("WARNING", logger="hift_ds.optimizer"):
+        opt, attempts = train_fp16(2.0 ** 16, 8, overflow_at=(at, at + 1), kernel=kernel, offload="cpu")
+    assert [r.getMessage() for r in caplog.records if r.name == "hift_ds.optimizer"] == [
+        "fp16 overflow: step skipped, loss scale now 32768", "fp16 overflow: step skipped, loss scale now 16384"]
+    ref_opt, ref = train_fp16(2.0 ** 14, 8, kernel=kernel, offload="cpu")
+    skipped = [attempts.pop(at), attempts.pop(at)]
+    assert opt.skipped_steps == 2 and ref_opt.skipped_steps == 0
+    assert [s["scale"] for s in skipped] == [2.0 ** 15, 2.0 ** 14]
     before = attempts[at - 1]
-    assert skipped["done"] == before["done"] and skipped["steps"] == before["steps"]  # no step was counted
-    assert all(torch.equal(p, q) for p, q in zip(skipped["params"], before["params"]))
+    for s in skipped:
+        assert s["overflow"] and s["group"] == attempts[at]["group"] == 2
+        assert s["done"] == before["done"] and s["steps"] == before["steps"]  # no step was counted
+        assert all(torch.equal(p, q) for p, q in zip(s["params"], before["params"]))
     for i, (mine, theirs) in enumerate(zip(attempts, ref)):
         assert not mine["overflow"] and (mine["group"], mine["done"], mine["steps"]) == (
             theirs["group"], theirs["done"], theirs["steps"]), f"applied step {i}"
@@ -154,6 +159,34 @@ def test_overflow_skips_and_the_run_equals_a_clean_run_at_the_lower_scale(kernel
     mine, theirs = opt.state_dict(), ref_opt.state_dict()
     for g, (a, b) in enumerate(zip(mine["state"], theirs["state"])):
         assert all(torch.equal(a[k], b[k]) for k in b), f"group {g}: optimizer state differs"
+
+
+def test_fp16_masters_follow_fp32_sgd_on_unscaled_clipped_gradients():
+    """The update sees each gradient divided by the loss scale, and clipped by the active group's unscaled norm.
+    Group norms here are 0.6-1.5: a clip at 1 bites on some groups (a wrong clip shows) and not on others (where a
+    wrong unscale shows; under the clip it would cancel out)."""
+    model = tiny_llama(dtype=torch.float16)
+    opt = HiFTOptimizer(model, "sgd", lr=0.1, momentum=0.9, max_grad_norm=1.0, offload="cpu",
+                        loss_scaler=DynamicLossScaler(2.0 ** 12, hysteresis=1))
+    ref = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    ref_opt = torch.optim.SGD(list(ref.values()), lr=0.1, momentum=0.9)
+    clipped = []
+    for s in range(2 * opt.num_groups):
+        active = opt.group_param_names(opt.active_group)
+        x = batch(s)
+        opt.backward(model(input_ids=x, labels=x).loss)
+        for n, p in model.named_parameters():
+            ref[n].grad = p.grad.float() / opt.loss_scale if n in active else None
+        clipped.append(bool(torch.nn.utils.clip_grad_norm_([ref[n] for n in active], 1.0) > 1.0))
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+    assert any(clipped) and not all(clipped), clipped
+    assert not opt.skipped_steps and opt.loss_scale == 2.0 ** 12
+    for g in range(opt.num_groups):
+        for name, m, p in zip(opt.group_param_names(g), opt._split(g, opt.store.home[g]["master"]), opt._params[g]):
+            torch.testing.assert_close(m, ref[name], msg=name)
+            assert torch.equal(p, m.to(torch.float16)), name
 
 
 def test_flat_path_keeps_grads_as_views_through_a_skipped_step():

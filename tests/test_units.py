@@ -209,7 +209,8 @@ def test_grouping(llama):
     assert [len(g) for g in group_units(units, None, num_groups=3)] == [2, 1, 2]
     assert [len(g) for g in group_units(units, None, num_groups=5)] == [1] * 5
     for bad in (0, -1, 6):
-        with pytest.raises(ValueError, match="group_size"):
+        with pytest.raises(ValueError, match=whole(f"group_size={bad} must be an integer between 1 and the unit count "
+                                                   "5 (units: embeddings, each block, head)")):
             group_units(units, bad)
     with pytest.raises(ValueError, match="num_groups"):
         group_units(units, None, num_groups=6)
@@ -220,8 +221,11 @@ def test_grouping(llama):
 def test_encoder_decoder_asks_for_patterns_instead_of_a_lopsided_split():
     t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2,
                                                  num_decoder_layers=2, num_heads=2))
-    with pytest.raises(ValueError, match=r"several stacks of transformer blocks: decoder.block \(2 blocks\), "
-                                         r"encoder.block \(2 blocks\)"):
+    with pytest.raises(ValueError, match=whole(
+            "T5ForConditionalGeneration has several stacks of transformer blocks: decoder.block (2 blocks), "
+            "encoder.block (2 blocks) (an encoder-decoder?); automatic unit discovery handles one stack. Pass "
+            "units=[...] (hift config 'units'), one module-name pattern per unit in bottom-to-top order, e.g. "
+            "['shared|*embed*', 'encoder.block.0', ..., 'decoder.block.0', ..., '*final_layer_norm|lm_head']")):
         discover_units(t5)
     patterns = ["shared", "encoder.block.0", "encoder.block.1", "encoder.final_layer_norm|decoder.block.0",
                 "decoder.block.1", "decoder.final_layer_norm|lm_head"]
