@@ -1,5 +1,6 @@
 """Update kernels: the torch reference against torch.optim, the Triton kernels (run by Triton's CPU
 interpreter) against the reference, overflow detection, backend dispatch and the benchmark script."""
+import math
 import os
 
 import subprocess
@@ -124,6 +125,13 @@ def test_reference_unscales_gradients_and_fills_in_defaults(name):
     for params in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], params))
     assert not torch.equal(results[0][0], torch.ones(9))
+
+
+def test_reference_finds_inf_and_nan_in_any_gradient():
+    finite = [torch.zeros(0), torch.full((3,), torch.finfo(torch.float16).max, dtype=torch.float16), torch.ones(4)]
+    assert reference.has_inf_or_nan([]) is False and reference.has_inf_or_nan(finite) is False
+    for bad in (math.inf, -math.inf, math.nan):
+        assert reference.has_inf_or_nan(finite + [torch.tensor([1.0, bad])]) is True
 
 
 def test_state_kinds_per_optimizer_and_settings():
