@@ -13,13 +13,29 @@ import torch
 
 from conftest import batch, tiny_llama
 from hift_ds import HiFTOptimizer
-from hift_ds.precision import DynamicLossScaler
+from hift_ds.precision import DynamicLossScaler, cast_parameters
 
 
 def poison_a_gradient(model) -> None:
     """Put an inf into one gradient of the active group, as an fp16 overflow in backward would."""
     grad = next(p.grad for p in model.parameters() if p.grad is not None)
     grad.view(-1)[0] = math.inf
+
+
+# ---- the model's cast -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_parameters_casts_floating_parameters_only_in_place(dtype):
+    """Floating parameters change dtype in place (the optimizer keeps its references); an integer
+    parameter and every buffer (such as the rotary inv_freq) stay as they are."""
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("inv_freq", torch.tensor([1.0, 1e-4, 1 / 3]))
+    model.codes = torch.nn.Parameter(torch.tensor([1, 2]), requires_grad=False)
+    params, weight, buffer = list(model.parameters()), model.weight.detach().clone(), model.inv_freq.clone()
+    assert cast_parameters(model, dtype) is model
+    assert list(model.parameters()) == params  # the same Parameter objects
+    assert model.weight.dtype == model.bias.dtype == dtype
+    assert torch.equal(model.weight, weight.to(dtype))
+    assert model.codes.dtype == torch.int64 and torch.equal(model.inv_freq, buffer)  # buffer still fp32
 
 
 # ---- the scaler ------------------------------------------------------------------------------------

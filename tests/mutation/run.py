@@ -33,7 +33,8 @@ def _methods(module: str, cls: str, names: list[str]) -> list[str]:
 MODULES = {
     "units": ("hift_ds/units.py", ["tests/test_units.py"], None),
     "schedule": ("hift_ds/schedule.py", ["tests/test_schedule.py"], None),
-    "precision": ("hift_ds/precision.py", ["tests/test_precision.py", "-k", "loss_scaler or overflow_skips"], None),
+    "precision": ("hift_ds/precision.py",
+                  ["tests/test_precision.py", "-k", "loss_scaler or overflow_skips or cast_parameters"], None),
     "reference": ("hift_ds/kernels/reference.py",
                   ["tests/test_kernels.py", "-k", "test_reference or torch_backend or state_kinds"], None),
     # The step, activation and state_dict; not the constructor, ZeRO sharding or the memory report.
@@ -47,7 +48,8 @@ MODULES = {
                       "_adopt_grads", "_on_grad", "zero_grad", "backward", "reduce_in_next_backward",
                       "_masters_from_model", "sync_masters_from_model", "_flatten_weights", "state_dict",
                       "load_state_dict", "group_param_names", "group_units"])),
-    "offload": ("hift_ds/offload.py", ["tests/test_offload.py", "-k", "not cuda"], None),
+    # The store on its own (CUDA path on a simulated device, tests/fake_cuda.py), then through the optimizer.
+    "offload": ("hift_ds/offload.py", ["tests/test_offload_store.py", "tests/test_offload.py"], None),
 }
 
 
