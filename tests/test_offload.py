@@ -187,6 +187,16 @@ def test_two_slots_never_copy_in_over_the_slot_being_copied_out():
         assert opt.store.slot_of(opt.active_group) not in (None, released)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_masters_read_again_from_the_model_prefetch_the_active_group(prefetch):
+    """sync_masters_from_model (the engine calls it after DeepSpeed's broadcast) empties the slots, then
+    starts the active group's copy-in again when prefetching."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = train(model, 3, optimizer="adamw", offload="cpu", prefetch=prefetch, lr=1e-2)
+    opt.sync_masters_from_model()
+    assert (opt.store.slot_of(opt.active_group) is not None) == prefetch
+
+
 def test_memory_report_has_no_full_fp32_copy_on_device():
     model = tiny_llama(layers=6, dtype=torch.bfloat16)
     opt = HiFTOptimizer(model, "adamw", offload="cpu", lr=1e-2)

@@ -142,6 +142,26 @@ def test_max_grad_norm_clips_the_active_group(optimizer):
     assert_same_params(model, ref)
 
 
+def test_clip_coefficient_is_torchs_for_a_small_norm():
+    """torch clips by max_norm / (norm + 1e-6); with a norm near 1e-3 the 1e-6 moves the update by 1e-3 (relative),
+    so the update is compared with torch's, not the weights (which it moves by little)."""
+    model, max_norm, factor = tiny_llama(), 1e-4, 1e-3
+    ref = copy.deepcopy(model)
+    opt = HiFTOptimizer(model, "sgd", lr=10.0, max_grad_norm=max_norm)
+    active = [n for n in opt.group_param_names(0)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = batch(0)
+    (model(input_ids=x, labels=x).loss * factor).backward()
+    opt.step()
+    params = dict(ref.named_parameters())
+    (ref(input_ids=x, labels=x).loss * factor).backward()
+    norm = torch.nn.utils.clip_grad_norm_([params[n] for n in active], max_norm)
+    assert 1e-4 < norm < 1e-2  # clipped, and small enough for the 1e-6 to matter
+    for n in active:
+        moved, expected = model.get_parameter(n) - before[n], -10.0 * params[n].grad
+        torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), msg=n)
+
+
 def test_zero_grad_drops_or_zeroes_the_active_gradients():
     model = tiny_llama()
     opt = HiFTOptimizer(model, "sgd", lr=0.1)
@@ -332,3 +352,6 @@ def test_zero2_backward_reduces_by_default_and_adopts_fresh_grads_as_views():
     opt.backward(model(input_ids=x, labels=x).loss)
     assert opt._reducer.launched_in_backward > 1
     assert all(p.grad is not None and in_buffer(p.grad, opt._grad_buf) for p in active)
+    opt.step()
+    opt.reduce_in_next_backward()  # called alone (a loop that does its own backward): last micro-batch too
+    assert opt._reducer.armed

@@ -206,12 +206,14 @@ def test_fp16_masters_follow_fp32_sgd_on_unscaled_clipped_gradients():
 
 
 def test_flat_path_keeps_grads_as_views_through_a_skipped_step():
-    """After model.zero_grad() and an overflow, the retried group's grads are views into the flat buffer again."""
+    """After model.zero_grad() and an overflow, the retried group's grads are views into the flat buffer again,
+    also for a parameter that got no gradient (as an unused one)."""
     model = tiny_llama(dtype=torch.float16)
-    opt = HiFTOptimizer(model, "adamw", kernel="triton", lr=1e-2)
+    opt = HiFTOptimizer(model, "adamw", kernel="triton", strategy="top2down", lr=1e-2)  # head unit: 2 parameters
     model.zero_grad(set_to_none=True)
     x = batch(0)
     opt.backward(model(input_ids=x, labels=x).loss * math.inf)
+    opt._params[opt.active_group][0].grad = None
     opt.step()
     buf = opt._grad_buf
     assert opt.overflow and all(p.grad is not None and buf.data_ptr() <= p.grad.data_ptr() < buf.data_ptr() +
