@@ -33,8 +33,7 @@ def _methods(module: str, cls: str, names: list[str]) -> list[str]:
 MODULES = {
     "units": ("hift_ds/units.py", ["tests/test_units.py"], None),
     "schedule": ("hift_ds/schedule.py", ["tests/test_schedule.py"], None),
-    "precision": ("hift_ds/precision.py",
-                  ["tests/test_precision.py", "-k", "loss_scaler or overflow_skips or cast_parameters"], None),
+    "precision": ("hift_ds/precision.py", ["tests/test_precision.py", "-k", "loss_scaler or cast_parameters"], None),
     "reference": ("hift_ds/kernels/reference.py",
                   ["tests/test_kernels.py", "-k", "test_reference or torch_backend or state_kinds"], None),
     # The step, activation and state_dict; not the constructor, ZeRO sharding or the memory report.
