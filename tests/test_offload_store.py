@@ -1,19 +1,25 @@
 """GroupStore on its own: one or two slots (least recently used refilled), a group acquired twice in a row,
-release and invalidate, where each buffer lives, and the CUDA copy ordering on a simulated device.
+copies home at release or held back to the next forward, release and invalidate, where each buffer lives,
+and the CUDA copy ordering on a simulated device.
 
 The simulation (``fake_cuda.py``) runs the store's real CUDA code path on CPU: streams are queues run
 in the worst order the store's events allow, so a missing wait gives wrong numbers; the negative
 controls at the end show it does."""
+import gc
+
 import pytest
 import torch
 
 from fake_cuda import fake_cuda
-from hift_ds.offload import MASTER, GroupStore
+from hift_ds.offload import MASTER, GroupStore, first_module_of, start_copy_outs_before
 
 NUMELS = [3, 5, 2]  # unequal, so a slot holds groups of several sizes
 KINDS = {"exp_avg": 0.0, "sum": 0.25}
 # Repeats (2, 2 and 1, 1) and a cycle boundary; every group more than once.
 ORDER = [0, 1, 2, 2, 0, 1, 1, 0, 2]
+# When a released group's copy home starts: at release; held back and started by the next forward (the
+# optimizer's pre-hook); held back with no forward reaching the hook (acquire and synchronize start it).
+COPY_HOME = ["at-release", "at-forward", "on-demand"]
 
 
 def make_store(store_class=GroupStore, device="cpu", **kw) -> GroupStore:
@@ -40,11 +46,15 @@ def expected_homes(store: GroupStore) -> list[dict]:
     return homes
 
 
-def run_order(store: GroupStore, prefetch: bool, launch=lambda fn: fn()) -> None:
-    """Drive the store as the optimizer does: acquire, update (``launch``ed), release, prefetch the next group."""
+def run_order(store: GroupStore, prefetch: bool, launch=lambda fn: fn(), copy_home: str = "at-release") -> None:
+    """Drive the store as the optimizer does: (the forward,) acquire, update (``launch``ed), release, prefetch
+    the next group; then synchronize."""
+    store.defer_copy_out = copy_home != "at-release"
     if prefetch:
         store.prefetch(ORDER[0])
     for step, g in enumerate(ORDER):
+        if copy_home == "at-forward":
+            store.start_copy_outs()
         bufs = store.acquire(g)
         launch(lambda bufs=bufs, step=step: update(bufs, step))
         store.release(g)
@@ -59,13 +69,67 @@ def homes_equal(store: GroupStore, expected: list[dict]) -> bool:
 
 
 # ---- slots -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("copy_home", COPY_HOME)
 @pytest.mark.parametrize("slots", [1, 2])
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_store_matches_plain_updates_with_repeats(slots, prefetch):
+def test_store_matches_plain_updates_with_repeats(slots, prefetch, copy_home):
     store = make_store(slots=slots)
     expected = expected_homes(store)
-    run_order(store, prefetch)
+    run_order(store, prefetch, copy_home=copy_home)
     assert homes_equal(store, expected)
+    assert not store._released  # every copy home started
+
+
+def test_held_back_copy_home_starts_at_start_copy_outs():
+    store = make_store(slots=2)
+    store.defer_copy_out = True
+    before = store.home[0][MASTER].clone()
+    update(store.acquire(0), 0)
+    store.release(0)
+    store.prefetch(1)  # the other slot: nothing to wait for
+    assert torch.equal(store.home[0][MASTER], before) and store.slot_of(1) == 1
+    store.start_copy_outs()
+    assert torch.equal(store.home[0][MASTER], before * 0.5)
+
+
+def test_one_slot_copy_in_waits_for_the_held_back_copy_home():
+    """With one slot the next group's copy-in must follow the copy home: it is held back too, then follows it."""
+    store = make_store(slots=1)
+    store.defer_copy_out = True
+    update(store.acquire(0), 0)
+    store.release(0)
+    store.prefetch(1)
+    assert (store.slot_of(0), store.slot_of(1)) == (0, None)
+    store.start_copy_outs()
+    assert (store.slot_of(0), store.slot_of(1)) == (None, 0)
+    assert torch.equal(store.slots[0][MASTER][:NUMELS[1]], store.home[1][MASTER])
+
+
+def test_acquiring_another_group_starts_the_held_back_copy_home():
+    store = make_store(slots=1)
+    store.defer_copy_out = True
+    before = store.home[0][MASTER].clone()
+    update(store.acquire(0), 0)
+    store.release(0)
+    assert torch.equal(store.acquire(2)[MASTER], store.home[2][MASTER])
+    assert torch.equal(store.home[0][MASTER], before * 0.5)
+
+
+def test_the_same_group_again_skips_its_held_back_copy_home():
+    """Acquired again before its copy home started, a group is updated from its slot (the newest values),
+    and only the second release copies it home."""
+    with fake_cuda("copies") as sim:
+        store = make_store(device="cuda:1")
+        store.defer_copy_out = True
+        before = store.home[0][MASTER].clone()
+        for step in range(2):
+            bufs = store.acquire(0)
+            sim.launch(lambda bufs=bufs, step=step: update(bufs, step))
+            store.release(0)
+        store.synchronize()
+    assert torch.equal(store.home[0][MASTER], (before * 0.5) * 0.5 + 1)
+    copies_home = [c for c in sim.copies if c[0] is store._d2h]
+    assert len(copies_home) == len(KINDS) + 1  # one copy home per kind and the masters
 
 
 def test_two_slots_refill_the_least_recently_used():
@@ -102,19 +166,21 @@ def test_release_of_a_group_in_no_slot_names_the_slots():
     assert str(err.value) == "GroupStore.release(1) but no device slot holds group 1 (slots hold [0, None])"
 
 
-def test_invalidate_then_load_acquires_the_loaded_values():
-    """As a checkpoint load does: invalidate, then overwrite the home buffers. No copy still queued from
-    before may land on the loaded values, and no slot may serve the old ones."""
+@pytest.mark.parametrize("slots", [1, 2])
+def test_invalidate_then_load_acquires_the_loaded_values(slots):
+    """As a checkpoint load does: invalidate, then overwrite the home buffers. No copy still queued or held
+    back from before may land on the loaded values, and no slot may serve the old ones."""
     with fake_cuda("copies") as sim:  # copies run only when something waits for them
-        store = make_store(device="cuda:1")
-        run_order(store, prefetch=True, launch=sim.launch)
+        store = make_store(device="cuda:1", slots=slots)
+        run_order(store, prefetch=True, launch=sim.launch, copy_home="at-forward")
         store.acquire(0)
-        store.release(0)  # its copy-out is still queued
-        store.prefetch(1)
+        store.release(0)  # its copy home is held back
+        store.prefetch(1)  # one slot: held back behind it
         store.invalidate()
         for bufs in store.home:
             for buf in bufs.values():
                 buf.fill_(-1.0)
+        store.start_copy_outs()
         store.synchronize()
         loaded = [{k: torch.full_like(b, -1.0) for k, b in bufs.items()} for bufs in store.home]
         assert homes_equal(store, loaded)
@@ -183,16 +249,17 @@ def test_a_store_with_nothing_to_keep_has_no_slots():
 
 
 # ---- CUDA ordering, simulated --------------------------------------------------------------------
+@pytest.mark.parametrize("copy_home", COPY_HOME)
 @pytest.mark.parametrize("late", ["copies", "compute"])
 @pytest.mark.parametrize("slots", [1, 2])
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_simulated_cuda_copies_overlap_and_are_ordered(late, slots, prefetch):
+def test_simulated_cuda_copies_overlap_and_are_ordered(late, slots, prefetch, copy_home):
     """Copies run on the store's own streams (not the compute stream), never block the host, and the
     events alone keep the numbers right when either the copies or the compute run as late as allowed."""
     with fake_cuda(late) as sim:
         store = make_store(device="cuda:1", slots=slots)
         expected = expected_homes(store)
-        run_order(store, prefetch, launch=sim.launch)
+        run_order(store, prefetch, launch=sim.launch, copy_home=copy_home)
     assert homes_equal(store, expected)
     assert sim.copies and all(non_blocking for _, non_blocking in sim.copies)
     assert all(s is not sim.compute and s.device == torch.device("cuda:1") for s, _ in sim.copies)
@@ -220,6 +287,8 @@ class ComputeSkipsCopyWaits(GroupStore):
     """Bug: the compute stream does not wait for the copy-in (nor the copy-out) of its slot."""
 
     def acquire(self, g):
+        if g not in self._slot_group:
+            self.start_copy_outs()  # as GroupStore.acquire: a held-back copy-in is needed now
         self.prefetch(g)
         s = self.slot_of(g)
         self._filled[s] = self._emptied[s] = None
@@ -229,29 +298,51 @@ class ComputeSkipsCopyWaits(GroupStore):
 class CopyInSkipsCopyOutWait(GroupStore):
     """Bug: nothing waits for a slot's copy-out before the slot is written again."""
 
-    def release(self, g):
-        super().release(g)
-        self._emptied[self.slot_of(g)] = None
+    def _start_copy_out(self, s):
+        super()._start_copy_out(s)
+        self._emptied[s] = None
 
 
 class CopyOutSkipsUpdateWait(GroupStore):
     """Bug: the copy-out does not wait for the update on the compute stream."""
 
-    def release(self, g):
+    def _start_copy_out(self, s):
         self._d2h.wait_event = lambda event: None
         try:
-            super().release(g)
+            super()._start_copy_out(s)
         finally:
             del self._d2h.wait_event
 
 
+@pytest.mark.parametrize("copy_home", ["at-release", "at-forward"])
 @pytest.mark.parametrize("store_class,late,slots", [(ComputeSkipsCopyWaits, "copies", 2),
                                                     (CopyInSkipsCopyOutWait, "copies", 1),
                                                     (CopyOutSkipsUpdateWait, "compute", 2)])
-def test_simulation_catches_a_missing_wait(store_class, late, slots):
+def test_simulation_catches_a_missing_wait(store_class, late, slots, copy_home):
     """Negative controls: each missing wait gives wrong home buffers in the schedule made for it."""
     with fake_cuda(late) as sim:
         store = make_store(store_class, device="cuda:1", slots=slots)
         expected = expected_homes(store)
-        run_order(store, prefetch=True, launch=sim.launch)
+        run_order(store, prefetch=True, launch=sim.launch, copy_home=copy_home)
     assert not homes_equal(store, expected)
+
+
+# ---- the forward pre-hook that starts the copies home ----------------------------------------------
+def test_copies_home_start_when_the_hooked_module_runs_and_the_hook_goes_with_the_store():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert first_module_of(model, model[1].bias) is model[1]
+    assert first_module_of(model, torch.nn.Parameter(torch.zeros(1))) is None
+    store = make_store(slots=2)
+    handle = start_copy_outs_before(model[1], store)
+    assert store.defer_copy_out
+    before = store.home[0][MASTER].clone()
+    update(store.acquire(0), 0)
+    store.release(0)
+    model[0](torch.zeros(1, 2))  # another module: not yet
+    assert torch.equal(store.home[0][MASTER], before)
+    model(torch.zeros(1, 2))
+    assert torch.equal(store.home[0][MASTER], before * 0.5)
+    assert handle.id in model[1]._forward_pre_hooks
+    del store
+    gc.collect()
+    assert not model[1]._forward_pre_hooks  # the hook held no reference to the store, and is removed with it

@@ -142,6 +142,16 @@ def test_max_grad_norm_clips_the_active_group(optimizer):
     assert_same_params(model, ref)
 
 
+def test_no_norm_is_reported_without_clipping():
+    """DeepSpeed's engine reports the optimizer's _global_grad_norm; without clipping none is computed."""
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "sgd", lr=0.1)
+    x = batch(0)
+    opt.backward(model(input_ids=x, labels=x).loss)
+    opt.step()
+    assert opt._global_grad_norm is None
+
+
 def test_clip_coefficient_is_torchs_for_a_small_norm():
     """torch clips by max_norm / (norm + 1e-6); with a norm near 1e-3 the 1e-6 moves the update by 1e-3 (relative),
     so the update is compared with torch's, not the weights (which it moves by little)."""
@@ -157,6 +167,7 @@ def test_clip_coefficient_is_torchs_for_a_small_norm():
     (ref(input_ids=x, labels=x).loss * factor).backward()
     norm = torch.nn.utils.clip_grad_norm_([params[n] for n in active], max_norm)
     assert 1e-4 < norm < 1e-2  # clipped, and small enough for the 1e-6 to matter
+    assert opt._global_grad_norm == pytest.approx(float(norm), rel=1e-5)  # what DeepSpeed's engine reports
     for n in active:
         moved, expected = model.get_parameter(n) - before[n], -10.0 * params[n].grad
         torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), msg=n)

@@ -1,7 +1,7 @@
 """GroupSchedule: orders, cycles and resumption."""
 import pytest
 
-from hift_ds.schedule import GroupSchedule
+from hift_ds.schedule import GroupSchedule, steps_to_cycles
 
 
 def run(s: GroupSchedule, n: int) -> list[int]:
@@ -108,6 +108,13 @@ def test_defaults_and_state_dict():
 def test_peek_looks_one_step_ahead_by_default():
     s = GroupSchedule(4, steps_done=2)
     assert (s.active, s.peek()) == (2, 3)
+
+
+@pytest.mark.parametrize("steps,k,cycles", [(250, 8, 32), (256, 8, 32), (257, 8, 33), (8, 8, 1), (1, 8, 1), (5, 1, 5),
+                                             (0, 8, 0), (-1, 8, -1)])
+def test_steps_to_cycles_rounds_up_and_keeps_zero_and_negatives(steps, k, cycles):
+    """A length in steps as cycles of k steps: rounded up, at least one; 0 and -1 (DeepSpeed's "not set") kept."""
+    assert steps_to_cycles(steps, k) == cycles
 
 
 def test_bad_input():
