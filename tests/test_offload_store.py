@@ -80,12 +80,18 @@ def test_store_matches_plain_updates_with_repeats(slots, prefetch, copy_home):
     assert not store._released  # every copy home started
 
 
-def test_held_back_copy_home_starts_at_start_copy_outs():
-    store = make_store(slots=2)
+def updated_and_held_back(slots: int) -> tuple[GroupStore, torch.Tensor]:
+    """A store that holds copies home back, after group 0's first update and release; group 0's masters before."""
+    store = make_store(slots=slots)
     store.defer_copy_out = True
     before = store.home[0][MASTER].clone()
     update(store.acquire(0), 0)
     store.release(0)
+    return store, before
+
+
+def test_held_back_copy_home_starts_at_start_copy_outs():
+    store, before = updated_and_held_back(slots=2)
     store.prefetch(1)  # the other slot: nothing to wait for
     assert torch.equal(store.home[0][MASTER], before) and store.slot_of(1) == 1
     store.start_copy_outs()
@@ -94,10 +100,7 @@ def test_held_back_copy_home_starts_at_start_copy_outs():
 
 def test_one_slot_copy_in_waits_for_the_held_back_copy_home():
     """With one slot the next group's copy-in must follow the copy home: it is held back too, then follows it."""
-    store = make_store(slots=1)
-    store.defer_copy_out = True
-    update(store.acquire(0), 0)
-    store.release(0)
+    store, _ = updated_and_held_back(slots=1)
     store.prefetch(1)
     assert (store.slot_of(0), store.slot_of(1)) == (0, None)
     store.start_copy_outs()
@@ -106,11 +109,7 @@ def test_one_slot_copy_in_waits_for_the_held_back_copy_home():
 
 
 def test_acquiring_another_group_starts_the_held_back_copy_home():
-    store = make_store(slots=1)
-    store.defer_copy_out = True
-    before = store.home[0][MASTER].clone()
-    update(store.acquire(0), 0)
-    store.release(0)
+    store, before = updated_and_held_back(slots=1)
     assert torch.equal(store.acquire(2)[MASTER], store.home[2][MASTER])
     assert torch.equal(store.home[0][MASTER], before * 0.5)
 

@@ -7,7 +7,7 @@ import transformers as T
 from torch import nn
 
 from hift_ds import HiFTOptimizer
-from hift_ds.units import discover_units, group_units, units_from_patterns
+from hift_ds.units import discover_units, group_units, param_numel, units_from_patterns
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 ARCHS = {
@@ -231,3 +231,16 @@ def test_encoder_decoder_asks_for_patterns_instead_of_a_lopsided_split():
                 "decoder.block.1", "decoder.final_layer_norm|lm_head"]
     opt = HiFTOptimizer(t5, "adamw", units=patterns)  # the documented way out works
     assert opt.num_groups == len(patterns)
+
+
+def test_sizes_count_zero3_partitioned_parameters():
+    """Under ZeRO-3 a parameter's data is empty and its size is ds_numel: the units and the block stack count it."""
+    whole, part = nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.empty(0))
+    part.ds_numel = 12
+    assert param_numel(whole) == 12 and param_numel(part) == 12
+    model = ARCHS["llama"]()
+    expected = [(u.name, u.numel) for u in discover_units(model)]
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    assert [(u.name, u.numel) for u in discover_units(model)] == expected

@@ -43,10 +43,10 @@ MODULES = {
                    "-k", "not cuda and not engine and not (equivalent and (2- or 3- or top2down)) "
                          "and not (fused_flat and (sgd or adagrad))"],
                   _methods("hift_ds.optimizer", "HiFTOptimizer", [
-                      "_step_active_group", "_update_builtin", "_reduce", "_split", "_activate", "_deactivate",
-                      "_adopt_grads", "_on_grad", "zero_grad", "backward", "reduce_in_next_backward",
+                      "_step_active_group", "_prepare_step", "_update_builtin", "_reduce", "_split", "_activate",
+                      "_deactivate", "_adopt_grads", "_on_grad", "zero_grad", "backward", "reduce_in_next_backward",
                       "_masters_from_model", "sync_masters_from_model", "_flatten_weights", "state_dict",
-                      "load_state_dict", "group_param_names", "group_units"])),
+                      "load_state_dict", "_load_weights", "group_param_names", "group_units"])),
     # The store on its own (CUDA path on a simulated device, tests/fake_cuda.py), then through the optimizer.
     "offload": ("hift_ds/offload.py", ["tests/test_offload_store.py", "tests/test_offload.py"], None),
 }
