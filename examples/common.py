@@ -100,6 +100,14 @@ def exact_match(model, tokenizer, records: list[dict], limit: int = 100) -> floa
     return hits / max(1, min(limit, len(records)))
 
 
+def training_kwargs(args: argparse.Namespace) -> dict:
+    """The TrainingArguments settings both examples use (TRL's SFTConfig takes the same ones)."""
+    return dict(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+                learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=25,
+                report_to=[], save_strategy="no", bf16=args.bf16, deepspeed=args.deepspeed, seed=args.seed,
+                use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+
+
 def train_and_report(trainer, tokenizer, held_out: list[dict], args: argparse.Namespace) -> None:
     """Evaluate, train, evaluate again (eval loss, exact match of greedy completions); save model and tokenizer."""
     if not args.deepspeed:  # under DeepSpeed the Trainer can evaluate only once train() has built the engine

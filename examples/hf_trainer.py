@@ -8,7 +8,6 @@
 Prints the eval loss and the exact-match rate of greedy completions before and after training,
 and saves the model and tokenizer under --output-dir/final.
 """
-import torch
 import transformers
 
 import common
@@ -21,11 +20,7 @@ def main() -> None:
     train, held_out = common.instruction_records(args.data, args.seed)
     tokenizer, model = common.load_model(args.model, [common.prompt_of(r) + str(r["output"]) for r in train],
                                          args.seed)
-    training_args = transformers.TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=25, report_to=[],
-        save_strategy="no", bf16=args.bf16, deepspeed=args.deepspeed, seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    training_args = transformers.TrainingArguments(**common.training_kwargs(args))
     data = dict(train_dataset=D.encode_instruction(train, tokenizer, args.max_length, "train"),
                 eval_dataset=D.encode_instruction(held_out, tokenizer, args.max_length, "eval"))
     if args.mode == "fpft":

@@ -10,7 +10,6 @@ default). Prints the eval loss and the exact-match rate of greedy completions be
 training, and saves the model and tokenizer under --output-dir/final.
 """
 import datasets
-import torch
 import trl
 
 import common
@@ -27,11 +26,7 @@ def main() -> None:
         return datasets.Dataset.from_list([{"prompt": common.prompt_of(r), "completion": str(r["output"])}
                                            for r in records])
 
-    config = trl.SFTConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=25, report_to=[],
-        save_strategy="no", bf16=args.bf16, deepspeed=args.deepspeed, seed=args.seed, max_length=args.max_length,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    config = trl.SFTConfig(**common.training_kwargs(args), max_length=args.max_length)
     data = dict(train_dataset=as_dataset(train), eval_dataset=as_dataset(held_out), processing_class=tokenizer)
     if args.mode == "fpft":
         trainer = trl.SFTTrainer(model=model, args=config, **data)
