@@ -121,12 +121,13 @@ def overlap_summary(events: list[dict]) -> dict:
     side = [v for v in streams.values() if v["side_stream"]]
     total = sum(v["memcpy_ms"] for v in side)
     over = sum(v["overlapped_ms"] for v in side)
-    gpu = [iv for ivs in kernels.values() for iv in ivs] + [span for _, _, span in copies]
+    all_kernels = [iv for ivs in kernels.values() for iv in ivs]
+    gpu = all_kernels + [span for _, _, span in copies]
     window_ms = (max(e for _, e in gpu) - min(s for s, _ in gpu)) / 1e3 if gpu else 0.0
-    busy_ms = sum(e - s for s, e in _merge([iv for ivs in kernels.values() for iv in ivs])) / 1e3
+    busy_ms = sum(e - s for s, e in _merge(all_kernels)) / 1e3
     return {"side_memcpy_ms": total, "side_overlapped_ms": over,
             "side_overlap_fraction": over / total if total else None,
-            "kernel_ms": sum(e - s for ivs in kernels.values() for s, e in ivs) / 1e3,
+            "kernel_ms": sum(e - s for s, e in all_kernels) / 1e3,
             # Kernels run only this share of the window: the rest is the GPU waiting (for the CPU to launch,
             # or for a copy), and copies there cannot overlap compute since none runs.
             "gpu_window_ms": window_ms, "kernel_busy_ms": busy_ms,
