@@ -1,8 +1,8 @@
-"""Packaging for hift-ds: the `hift_ds` engine plus `kernels/` installed as `hift_ds.kernels`."""
+"""Packaging for hift-ds: the `hift_ds` engine, its update kernels included (`hift_ds.kernels`)."""
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 HF_EXTRA = ["accelerate>=1.15", "trl>=1.16", "datasets>=5.2"]
@@ -15,8 +15,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["hift_ds", "hift_ds.profile", "hift_ds.kernels"],
-    package_dir={"hift_ds": "hift_ds", "hift_ds.kernels": "kernels"},
+    packages=find_packages(include=["hift_ds", "hift_ds.*"]),
     install_requires=[
         # torch is pinned by the README install step on CPU machines; any recent torch works.
         "torch>=2.3",

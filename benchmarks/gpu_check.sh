@@ -69,7 +69,7 @@ for s in ${STAGES:-tests zero3 headline offload}; do
       --headline-batches "${HEADLINE_BATCHES:-1}" --trace "$out/trace" --trace-steps 2 --json "$out/headline.json" ;;
     compare) stage "compare" 150 python3 benchmarks/compare.py "${size[@]}" "${steps[@]}" \
       --modes fpft,badam,badam-50,torchao-offload,torchao-offload-grads,hift-offload-triton --json "$out/compare.json" ;;
-    kernels) stage "kernels" 60 python3 benchmarks/kernels.py "${kernel_args[@]}" --json "$out/kernels.json" ;;
+    kernels) stage "kernels" 60 python3 benchmarks/update_kernels.py "${kernel_args[@]}" --json "$out/kernels.json" ;;
     *) note "unknown stage $s (tests headline offload compare kernels zero3)" ;;
   esac
 done

@@ -315,10 +315,20 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
         return "skipped", str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return "failed", f"CUDA out of memory: {first}"
-    if isinstance(exc, ImportError) and getattr(exc, "name", None):
+    if isinstance(exc, ImportError) and getattr(exc, "name", None) and not _installed(exc.name.split(".")[0]):
         pkg = exc.name.split(".")[0]
         return "failed", f"package {pkg} not installed: pip install {pkg}"
+    # Anything else (a package that is installed but fails to import, a name it lacks, another
+    # module of the same name earlier on sys.path) keeps the original text, which names the cause.
     return "failed", f"{type(exc).__name__}: {first}"
+
+
+def _installed(package: str) -> bool:
+    """Whether a top-level ``package`` can be found on sys.path at all."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a half-imported module, or one without a spec
+        return True
 
 
 # ---- one function in a fresh process -----------------------------------------------------------

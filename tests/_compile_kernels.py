@@ -5,18 +5,15 @@ compiles, so it cannot catch what only fails in Triton's code generator). Prints
 variant and exits non-zero at the first that does not compile to a cubin.
 """
 import itertools
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from kernels.adagrad import _adagrad_kernel  # noqa: E402
-from kernels.adamw import _adam_kernel  # noqa: E402
-from kernels.sgd import _sgd_kernel  # noqa: E402
+from hift_ds.kernels.adagrad import _adagrad_kernel
+from hift_ds.kernels.adamw import _adam_kernel
+from hift_ds.kernels.sgd import _sgd_kernel
 
 # OUT_KIND -> (grad pointer, model-weight pointer): bf16 weights are stored as int16 bits.
 OUT = {0: ("*fp32", "*fp32"), 1: ("*bf16", "*i16"), 2: ("*fp16", "*fp16"), 3: ("*fp32", "*fp32")}

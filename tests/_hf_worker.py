@@ -61,6 +61,17 @@ def isolated_accelerate() -> Iterator[None]:
         os.environ.update(env)
 
 
+# transformers renamed gradient checkpointing to activation checkpointing (TrainingArguments and the
+# model's flag); the tests use whichever name the installed version has, so they run on both.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in
+                 transformers.TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
+
+
+def is_checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on for ``model``, under either name."""
+    return bool(getattr(model, f"is_{CHECKPOINTING}"))
+
+
 def run(out_dir: str, steps: int = 10, batch: int = 4, hift: dict | None = None, model=None, resume=None,
         callbacks: list | None = None, **training_args) -> dict:
     """Train a HiFTTrainer; its per-step log (loss, learning_rate, grad_norm), final weights and the trainer."""

@@ -86,17 +86,27 @@ def train_stages(rank: int, world: int) -> dict:
 
 
 def fp16_on_cpu_ranks(rank: int, world: int) -> dict:
-    """Stage 0 is refused at start-up (DeepSpeed's gloo all-reduce has no fp16); stage 2 reduces it itself."""
+    """Stage 0 is refused at start-up where DeepSpeed's all-reduce has no fp16 (gloo on CPUs without fp16
+    support), and trains where it has; stage 2 reduces fp16 itself everywhere."""
+    from deepspeed.accelerator import get_accelerator
+
+    out = {"accelerator_fp16": torch.float16 in get_accelerator().supported_dtypes()}
     try:
-        engine_for(0, "adamw", world, dtype="fp16")
-        refusal = None
+        model, engine, optimizer = engine_for(0, "adamw", world, dtype="fp16")
+        out["refusal"] = None
+        out["stage0"] = _one_fp16_cycle(model, engine, optimizer, rank, world)
     except ValueError as e:
-        refusal = str(e)
+        out["refusal"] = str(e)
     model, engine, optimizer = engine_for(2, "adamw", world, dtype="fp16")
+    out["stage2"] = _one_fp16_cycle(model, engine, optimizer, rank, world)
+    return out
+
+
+def _one_fp16_cycle(model, engine, optimizer, rank: int, world: int) -> dict:
     init = params_of(model)
     run(engine, rank, world, 0, optimizer.num_groups)
     params = params_of(model)
-    return {"refusal": refusal, "ranks_equal": ranks_equal(params, world), "skipped": optimizer.skipped_steps,
+    return {"ranks_equal": ranks_equal(params, world), "skipped": optimizer.skipped_steps,
             "steps_done": optimizer.schedule.steps_done, "moved": [not torch.equal(a, b) for a, b in zip(init, params)],
             "dtype": params[0].dtype}
 

@@ -18,8 +18,7 @@ BENCH = ROOT / "benchmarks"
 
 
 def _load(name: str, path: Path):
-    # Loaded by file, not by putting benchmarks/ on sys.path, where its kernels.py would shadow
-    # the top-level kernels package for every later test.
+    # Loaded by file: benchmarks/ stays off sys.path for every later test.
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -236,8 +235,20 @@ def test_isolated_run_reports_out_of_memory_skips_and_crashes_as_rows(tmp_path):
     assert run("skip") == {"status": "skipped", "error": "needs CUDA (no GPU here)"}
     crashed = run("crash", log=tmp_path / "crash.log")
     assert crashed["status"] == "failed" and crashed["error"].startswith("exit status 3")
-    assert setups.describe_failure(ModuleNotFoundError("x", name="badam.block_optim"))[1] == \
-        "package badam not installed: pip install badam"
+
+
+def test_import_failure_says_not_installed_only_when_it_is_not():
+    from hift_ds import setups
+
+    missing = ModuleNotFoundError("No module named 'hift_no_such_pkg'", name="hift_no_such_pkg.block_optim")
+    assert setups.describe_failure(missing) == \
+        ("failed", "package hift_no_such_pkg not installed: pip install hift_no_such_pkg")
+    # An installed package that fails to import (a name it lacks, or another module of the same name
+    # earlier on sys.path) keeps the original message: "not installed" would send the user the wrong way.
+    shadowed = ImportError("cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)",
+                           name="torch")
+    assert setups.describe_failure(shadowed) == \
+        ("failed", "ImportError: cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)")
 
 
 quality = _load("bench_quality", BENCH / "quality.py")

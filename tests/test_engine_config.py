@@ -86,6 +86,16 @@ def test_config_errors(case):
         hift_ds.initialize(model=W.tiny_llama(), config=config)
 
 
+def test_fp16_at_stage0_refused_where_deepspeeds_all_reduce_has_no_fp16(monkeypatch):
+    """Several ranks on a device whose DeepSpeed all-reduce lacks fp16 (gloo on most CPUs): one line, the fixes."""
+    import hift_ds.engine as engine_module
+    monkeypatch.setattr(engine_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(engine_module, "_reduces_fp16", lambda: False)
+    with pytest.raises(ValueError, match=r'^fp16 at ZeRO stage 0 with 2 ranks is not supported on this device: '
+                                         r'.*use "bf16": \{"enabled": true\}, GPUs, or zero_optimization.stage 1 or 2'):
+        hift_ds.initialize(model=W.tiny_llama(), config=_cfg(fp16={"enabled": True}))
+
+
 def test_readme_config_with_auto_steps_names_the_fix():
     """The shipped configs leave step counts to launch/train.py; the API must say so, not raise TypeError."""
     with pytest.raises(ValueError, match=r'total_num_steps is "auto"|warmup_num_steps is "auto"'):

@@ -102,8 +102,8 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 def test_gradient_checkpointing_trains_the_same(tmp_path):
     plain = W.run(str(tmp_path / "a"), steps=K, batch=2)
-    ckpt = W.run(str(tmp_path / "b"), steps=K, batch=2, activation_checkpointing=True)  # gradient_checkpointing
-    assert ckpt["trainer"].model.is_activation_checkpointing
+    ckpt = W.run(str(tmp_path / "b"), steps=K, batch=2, **{W.CHECKPOINTING: True})
+    assert W.is_checkpointing(ckpt["trainer"].model)
     for name, value in plain["weights"].items():
         torch.testing.assert_close(ckpt["weights"][name], value, msg=lambda m: f"{name}: {m}")
     assert all(not torch.equal(plain["weights"][n], tiny_llama().state_dict()[n]) for n in plain["weights"])

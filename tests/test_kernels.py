@@ -385,7 +385,7 @@ def test_import_does_not_load_triton():
 @needs_triton
 def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--cpu-smoke", "--json", str(out)],
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_kernels.py"), "--cpu-smoke", "--json", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "adamw" in res.stdout and out.exists()
@@ -394,7 +394,7 @@ def test_benchmark_cpu_smoke(tmp_path):
 def test_benchmark_without_gpu_exits_cleanly():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_kernels.py")], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "needs a CUDA GPU" in res.stdout
 

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -32,9 +33,13 @@ def cli_run(tmp_path_factory):
     """One CLI run shared by the CLI tests (two worker processes, ~20 s on 2 CPU cores)."""
     out = tmp_path_factory.mktemp("profile")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "hift_ds.profile", "--model", "tiny", "--modes", "fpft,hift",
-                           "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    # The README's quick check, as CI runs it from the root of a fresh clone, writing to a temporary --out.
+    readme = (ROOT / "README.md").read_text()
+    line = readme.split("<!-- profile-quick:begin -->")[1].split("<!-- profile-quick:end -->")[0].split("\n")[2]
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "hift_ds.profile"] and argv[-2] == "--out", line
+    proc = subprocess.run([sys.executable, *argv[1:-1], str(out)], capture_output=True, text=True, env=env,
+                          timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout + proc.stderr
 

@@ -16,7 +16,15 @@ def test_setup_block_is_the_two_commands_ci_runs():
     cmds = [line for line in block.splitlines() if line and not line.startswith("```")]
     assert len(cmds) == 2 and cmds[0].startswith("pip install") and "pytest" in cmds[1]
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    assert "setup:begin" in ci and "README.md" in ci  # CI reads these lines, it does not copy them
+    assert "mapfile -t cmds < <(block setup)" in ci and "README.md" in ci  # CI reads these lines, not a copy
+
+
+def test_ci_runs_the_readme_profiler_quick_check_from_the_root():
+    block = README.split("<!-- profile-quick:begin -->")[1].split("<!-- profile-quick:end -->")[0]
+    cmds = [line for line in block.splitlines() if line and not line.startswith("```")]
+    assert len(cmds) == 1 and cmds[0].startswith("python -m hift_ds.profile --model tiny")
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "mapfile -t prof < <(block profile-quick)" in ci and 'bash -c "${prof[0]}"' in ci
 
 
 def test_every_config_named_in_the_readme_exists():

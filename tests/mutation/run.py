@@ -1,9 +1,8 @@
 """Mutation testing of one core module with mutmut: ``python tests/mutation/run.py MODULE``.
 
 mutmut copies the package into ``mutants/`` and runs the tests against one mutant at a time. The
-package is staged under ``.mutation/MODULE/`` first, with ``kernels/`` placed where it is installed
-(``hift_ds/kernels``): mutmut names a mutant by its file path, and the tests import the mutated copy
-only if that path is the import path. Each module has its own stage, so two runs never share state.
+package is staged under ``.mutation/MODULE/`` first (mutmut names a mutant by its file path, which is
+the import path), so each module has its own stage and two runs never share state.
 
 Not part of CI. Needs ``pip install -e ".[mutation]"``. Runs one worker at ``nice -n 10``; the score
 and the surviving mutants are printed at the end and written to ``.mutation/MODULE/summary.txt``.
@@ -53,13 +52,12 @@ MODULES = {
 
 
 def stage(module: str) -> Path:
-    """A fresh copy of the package (kernels at their import path) and the tests, with a mutmut config."""
+    """A fresh copy of the package and the tests, with a mutmut config."""
     path, tests, _ = MODULES[module]
     where = ROOT / ".mutation" / module
     shutil.rmtree(where, ignore_errors=True)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "hift_ds", where / "hift_ds", ignore=skip)
-    shutil.copytree(ROOT / "kernels", where / "hift_ds" / "kernels", ignore=skip)
     shutil.copytree(ROOT / "tests", where / "tests", ignore=skip)
     (where / "pyproject.toml").write_text(f"""[tool.pytest.ini_options]
 testpaths = ["tests"]
@@ -80,7 +78,7 @@ def refresh_tests(module: str, where: Path) -> list[str]:
     import filecmp
 
     path = MODULES[module][0]
-    source = ROOT / ("kernels/" + path.rsplit("/", 1)[1] if "/kernels/" in path else path)
+    source = ROOT / path
     if not filecmp.cmp(source, where / path, shallow=False):
         sys.exit(f"{source} changed since the last full run: its mutants are stale; run without --survivors")
     shutil.rmtree(where / "tests")

@@ -1,8 +1,8 @@
 """Time the fused Triton update kernels against torch.optim on one flat HiFT group.
 
-    python benchmarks/kernels.py                   # on a CUDA GPU: 1.07e9 and 200e6 fp32 params
-    python benchmarks/kernels.py --json out.json   # also write the rows as JSON
-    python benchmarks/kernels.py --cpu-smoke       # tiny sizes on CPU (Triton interpreter): checks the script
+    python benchmarks/update_kernels.py                   # on a CUDA GPU: 1.07e9 and 200e6 fp32 params
+    python benchmarks/update_kernels.py --json out.json   # also write the rows as JSON
+    python benchmarks/update_kernels.py --cpu-smoke       # tiny sizes on CPU (Triton interpreter): checks the script
 
 Each row is the median of ``--iters`` timed steps after ``--warmup`` steps (CUDA events). The
 effective bandwidth counts the bytes an update must read and write at least once (see
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         device, timer = torch.device("cpu"), time_cpu
         sizes, blocks, warmup, iters = list(CPU_SMOKE_SIZES), [None], 1, 2
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (none found); run with --cpu-smoke to exercise it on CPU")
+        print("benchmarks/update_kernels.py needs a CUDA GPU (none found); run with --cpu-smoke to exercise it on CPU")
         return 0
     else:
         device, timer = torch.device("cuda"), time_cuda
