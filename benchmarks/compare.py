@@ -7,7 +7,7 @@
 Every mode runs in its own process on the same model (preset or HF name/path, same seed) and the
 same batches; one table (median step ms and its ratio to fpft, tokens/s, peak allocated/reserved
 GPU memory and their ratios, pinned host memory, the loss after the last step, note or error)
-and ``compare.json``. Modes are the set-ups of ``hift_ds.setups`` (described there); one that cannot
+and ``compare.json``. Modes are the set-ups of ``hift_ds.profile.setups`` (described there); one that cannot
 run here (no CUDA, package missing, out of memory) gets a row saying why and the others still run.
 badam switches block every step (the same cadence as HiFT), badam-50 at its documented default of
 50 steps; both discard a block's optimizer state when they switch away from it. torchao-offload runs

@@ -1,8 +1,8 @@
 """Shared machinery of the training benchmarks (offload.py, compare.py): one set-up per process.
 
 The set-ups (fpft, hift, hift-offload, ..., ds-zero2-offload, badam, torchao-offload) are the registry
-in ``hift_ds.setups``, shared with the memory profiler; each runs in a fresh process
-(``hift_ds.setups.run_isolated``) on the same model and the same batches.
+in ``hift_ds.profile.setups``, shared with the memory profiler; each runs in a fresh process
+(``hift_ds.profile.setups.run_isolated``) on the same model and the same batches.
 
 Timing is taken the way a training loop runs: after ``--warmup`` steps, a window of ``--steps``
 consecutive steps with a synchronize only at its two ends. On CUDA each step is timed by events
@@ -30,8 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hift_ds import setups
-from hift_ds.setups import SETUPS, Built, Options
+from hift_ds.profile import setups
+from hift_ds.profile.setups import SETUPS, Built, Options
 
 DTYPES = setups.DTYPES
 GIB = 2 ** 30
@@ -89,7 +89,7 @@ def steady_window(built: Built, batches: Sequence[Tensor], dev: torch.device) ->
 def run_mode(mode: str, args: argparse.Namespace,
              after: Callable[[str, Built, argparse.Namespace], dict] | None = None) -> dict:
     """Build ``mode`` and train it in this process (warm-up, steady window, synchronized steps); its row."""
-    from hift_ds.presets import random_batch
+    from hift_ds.profile.presets import random_batch
 
     dev = setups.device()
     prof = None

@@ -5,7 +5,7 @@
     python benchmarks/offload.py --headline-only          # LLaMA-2-7B shape under a 24 GiB cap (CUDA)
     python benchmarks/offload.py --model tiny --steps 3   # quick check of the script (CPU works)
 
-Modes (set-ups of ``hift_ds.setups``): fpft; hift / hift-triton (state on the GPU; torch / Triton update);
+Modes (set-ups of ``hift_ds.profile.setups``): fpft; hift / hift-triton (state on the GPU; torch / Triton update);
 hift-offload-noprefetch, hift-offload (torch update), hift-offload-triton, hift-offload-triton-1slot
 (pinned host store, prefetch into two device slots / one). Step times are steady-state (see
 benchmarks/harness.py). Targets, from the figures measured in this run: the offloaded Triton step
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import harness
-from hift_ds import setups
+from hift_ds.profile import setups
 
 MODES = ["fpft", "hift", "hift-triton", "hift-offload-noprefetch", "hift-offload", "hift-offload-triton",
          "hift-offload-triton-1slot"]
@@ -177,7 +177,7 @@ def trace(built: setups.Built, args: argparse.Namespace) -> dict:
     """Profile ``--trace-steps`` more steps (a window with a synchronize only at its ends); the overlap summary."""
     from torch.profiler import ProfilerActivity, profile
 
-    from hift_ds.presets import random_batch
+    from hift_ds.profile.presets import random_batch
 
     vocab, first, dev = built.model.config.vocab_size, 10 ** 6, setups.device()
     batches = [random_batch(vocab, args.batch_size, args.seq_len, first + i, dev) for i in range(args.trace_steps)]

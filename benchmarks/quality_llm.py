@@ -69,8 +69,8 @@ def parse_lrs(specs: list[str]) -> dict[str, list[float]]:
 
 def write_split(out: str, test_size: int, val_size: int, seed: int = 0) -> dict[str, str]:
     """The embedded instruction data split once into train / val / test JSONL files under ``out``."""
-    from hift_ds import data as D
-    from hift_ds.defaults import instruction_data
+    from hift_ds.train import data as D
+    from hift_ds.train.jobs import instruction_data
 
     records = D.read_jsonl(instruction_data())
     order = list(range(len(records)))
@@ -96,8 +96,8 @@ def evaluate_saved(model_dir: str, data_path: str, max_length: int, batch_size: 
     import torch
     import transformers
 
-    from hift_ds import data as D
-    from hift_ds.evaluation import evaluate
+    from hift_ds.train import data as D
+    from hift_ds.train.evaluation import evaluate
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # in the dtype it was saved in
@@ -176,7 +176,7 @@ def main(argv=None) -> list[dict]:
         final = [f.result() for f in final_runs]
         before = next((r["before"] for r in final if "error" not in r), None)
         if before is None:  # no further seed ran: the untrained model on the test split, measured here
-            from hift_ds.defaults import instruction_model
+            from hift_ds.train.jobs import instruction_model
             before = evaluate_saved(instruction_model(), split["test"], max_length, batch,
                                     bf16=_bf16(args.deepspeed))
         runs = [{**res, "val_after": res["after"], "after": tests[label].result(), "before": before}

@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     import transformers
 
     import hift_ds
-    from hift_ds.presets import random_batch
+    from hift_ds.profile.presets import random_batch
     from hift_ds.profile import MemoryProfiler
 
     transformers.logging.set_verbosity_error()
@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
            "zero_optimization": {"stage": args.stage, **{f"stage3_{k}": getattr(args, k) for k in STAGE3_KNOBS
                                                          if getattr(args, k) is not None}},
            "hift": {"offload": {"device": args.offload, "slots": args.slots}, "kernel": "auto"}}
-    hift_ds.engine.single_process_env()
+    hift_ds.deepspeed.engine.single_process_env()
     deepspeed.init_distributed()
     rss_before = psutil.Process().memory_info().rss
     torch.manual_seed(0)

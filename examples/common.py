@@ -15,8 +15,8 @@ import os
 import torch
 import transformers
 
-from hift_ds import data as D
-from hift_ds import defaults
+from hift_ds.train import data as D
+from hift_ds.train import jobs
 
 TOPIC_INSTRUCTION = "Name the topic of this news article."
 
@@ -78,12 +78,12 @@ def instruction_records(path: str | None, seed: int) -> tuple[list[dict], list[d
         D.detect_task(records, path)
     else:
         records = [{"instruction": TOPIC_INSTRUCTION, "input": " ".join(r["text"].split()[:40]),
-                    "output": r["label"]} for r in D.read_jsonl(defaults.default_data())]
+                    "output": r["label"]} for r in D.read_jsonl(jobs.default_data())]
     return D.split(records, 0.1, seed)
 
 
 def prompt_of(record: dict) -> str:
-    """The prompt text of an instruction record, as hift_ds.data.encode_instruction writes it."""
+    """The prompt text of an instruction record, as hift_ds.train.data.encode_instruction writes it."""
     return record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "") + "\n\n"
 
 

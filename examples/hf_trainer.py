@@ -11,7 +11,7 @@ and saves the model and tokenizer under --output-dir/final.
 import transformers
 
 import common
-from hift_ds import data as D
+from hift_ds.train import data as D
 from hift_ds.hf import HiFTTrainer
 
 

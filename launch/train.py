@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
     """The DeepSpeed config with CLI overrides applied and "auto" step counts filled in."""
     from hift_ds.config import load_ds_config
-    from hift_ds.scheduler_config import warmup_held_at_start
+    from hift_ds.deepspeed.scheduler import warmup_held_at_start
 
     cfg = load_ds_config(args.deepspeed)
     # Wrong JSON types would surface below as TypeErrors that look like bugs; name the key instead.
@@ -195,7 +195,7 @@ def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None 
 
 def resolve_job(args: argparse.Namespace) -> tuple[str, str]:
     """(model path, data path): the given ones or the --task embedded job's; sets --lr to the job's for --mode."""
-    from hift_ds.defaults import EMBEDDED_JOBS
+    from hift_ds.train.jobs import EMBEDDED_JOBS
 
     job = EMBEDDED_JOBS[args.task or "classification"]
     model_path, data_path = args.model or job.model(), args.data or job.data()
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train, evaluate before and after, save the final model; returns the metrics."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from hift_ds.engine import single_process_env
+    from hift_ds.deepspeed.engine import single_process_env
 
     single_process_env()
     import torch
@@ -230,12 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     import hift_ds
-    from hift_ds import data as D
-    from hift_ds.checkpoints import atomic_write_text, latest_tag, restore_rng_state, rng_state, save_checkpoint
+    from hift_ds.train import data as D
+    from hift_ds.train.checkpoints import atomic_write_text, latest_tag, restore_rng_state, rng_state, save_checkpoint
     from hift_ds.config import load_ds_config
-    from hift_ds.evaluation import evaluate, generate_samples
-    from hift_ds.scheduler_config import warmup_held_at_start
-    from hift_ds.zero3 import gathered_state_dict
+    from hift_ds.train.evaluation import evaluate, generate_samples
+    from hift_ds.deepspeed.scheduler import warmup_held_at_start
+    from hift_ds.distributed.zero3 import gathered_state_dict
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
     tok, model = load_model(model_path, task, len(labels), zero3_config=ds_file if zero3 else None)
     if args.gradient_checkpointing:
-        from hift_ds.presets import enable_gradient_checkpointing
+        from hift_ds.profile.presets import enable_gradient_checkpointing
         enable_gradient_checkpointing(model)
     D.check_max_length(args.max_length, tok, model.config)
     if task == D.CLASSIFICATION:
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = cfg.pop("_total_steps")
     client = None
     if args.mode == "badam":  # BAdam is a client optimizer of a plain DeepSpeed engine
-        from hift_ds.badam_mode import build_badam
+        from hift_ds.train.badam import build_badam
         client, cfg = build_badam(model, cfg, args.badam_order, args.badam_switch_every, len(train_ds), world)
     init = hift_ds.initialize if args.mode == "hift" else deepspeed.initialize
     engine, optimizer, _, scheduler = init(model=model, model_parameters=[p for p in model.parameters()

@@ -1,7 +1,7 @@
 """Worker for tests/test_gpu_zero3.py: HiFT at ZeRO-3 and at stage 0 on one device, bf16, in a fresh process.
 
 It runs without a launcher's environment (RANK, WORLD_SIZE, ...): the engine's single-process set-up
-(``hift_ds.engine.single_process_env``, which ``hift_ds.initialize`` calls itself) runs first, because
+(``hift_ds.deepspeed.engine.single_process_env``, which ``hift_ds.initialize`` calls itself) runs first, because
 ``zero.Init`` needs the process group before ``initialize``. DeepSpeed picks the accelerator from
 DS_ACCELERATOR, which the test sets: cuda (NCCL, the fused Triton update, the pinned offload store
 with its copy streams) or cpu (gloo, the CPU rehearsal of the same code). Both stages load the same
@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import hift_ds
-from hift_ds.zero3 import gathered_state_dict
+from hift_ds.distributed.zero3 import gathered_state_dict
 
 STEPS = 12  # two cycles of the 6 groups (embeddings, 4 blocks, norm + head)
 GAS, MICRO, SEQ = 2, 2, 64
@@ -94,7 +94,7 @@ def train(stage: int, path: str) -> dict:
 
 def main(out: str) -> None:
     # What hift_ds.initialize does for a launcher-less process, needed already by zero.Init (else MPI discovery).
-    hift_ds.engine.single_process_env()
+    hift_ds.deepspeed.engine.single_process_env()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(model_config())
     model.save_pretrained(os.path.join(out, "model"))

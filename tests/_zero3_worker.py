@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import hift_ds  # noqa: E402
 from _zero_worker import finish, run  # noqa: E402  (run: the same global batch of 8 per step)
 from conftest import batch, tiny_llama  # noqa: E402
-from hift_ds.zero3 import gathered_state_dict  # noqa: E402
+from hift_ds.distributed.zero3 import gathered_state_dict  # noqa: E402
 
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}}
 # bf16 runs: the ranks' bf16 gradients are summed in another order than one rank's, and Adam with

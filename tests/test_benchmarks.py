@@ -158,7 +158,7 @@ def test_headline_lower_bound_and_table():
 
 def test_headline_prints_each_row_as_measured(monkeypatch, capsys):
     """A headline cut short by a time limit keeps the rows it printed; the bound uses the resident compute."""
-    from hift_ds import setups
+    from hift_ds.profile import setups
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(setups, "run_isolated", lambda *a: {"status": "ok", "row": {
         "h2d_gbps": 40.0, "d2h_gbps": 50.0, "both_gbps_each_way": 30.0}})
@@ -182,8 +182,8 @@ def test_headline_prints_each_row_as_measured(monkeypatch, capsys):
 
 
 def test_steady_window_times_each_step_and_keeps_losses_on_the_device():
-    from hift_ds import setups
-    from hift_ds.presets import random_batch
+    from hift_ds.profile import setups
+    from hift_ds.profile.presets import random_batch
 
     built = setups.build("hift-offload", setups.Options(model="tiny", batch_size=2, seq_len=16), torch.device("cpu"))
     batches = [random_batch(1000, 2, 16, i) for i in range(3)]
@@ -220,10 +220,10 @@ def test_overlap_summary_counts_side_stream_copy_under_kernels():
 
 
 def test_isolated_run_reports_out_of_memory_skips_and_crashes_as_rows(tmp_path):
-    from hift_ds import setups
+    from hift_ds.profile import setups
 
     mod = tmp_path / "targets.py"
-    mod.write_text("import os, torch\nfrom hift_ds import setups\n"
+    mod.write_text("import os, torch\nfrom hift_ds.profile import setups\n"
                    "def oom(p): raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
                    "def skip(p): raise setups.Skip('needs CUDA (no GPU here)')\n"
                    "def crash(p): os._exit(3)\n"
@@ -238,7 +238,7 @@ def test_isolated_run_reports_out_of_memory_skips_and_crashes_as_rows(tmp_path):
 
 
 def test_import_failure_says_not_installed_only_when_it_is_not():
-    from hift_ds import setups
+    from hift_ds.profile import setups
 
     missing = ModuleNotFoundError("No module named 'hift_no_such_pkg'", name="hift_no_such_pkg.block_optim")
     assert setups.describe_failure(missing) == \
@@ -288,10 +288,10 @@ quality_llm = _load("bench_quality_llm", BENCH / "quality_llm.py")
 
 
 def test_quality_llm_split_is_fixed_and_disjoint(tmp_path, monkeypatch):
-    import hift_ds.defaults
+    import hift_ds.train.jobs
     src = tmp_path / "all.jsonl"
     src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(30)))
-    monkeypatch.setattr(hift_ds.defaults, "instruction_data", lambda: str(src))
+    monkeypatch.setattr(hift_ds.train.jobs, "instruction_data", lambda: str(src))
     paths = quality_llm.write_split(str(tmp_path / "a"), test_size=6, val_size=4)
     again = quality_llm.write_split(str(tmp_path / "b"), test_size=6, val_size=4)
     parts = {k: [json.loads(line)["instruction"] for line in open(v)] for k, v in paths.items()}

@@ -15,7 +15,7 @@ import torch
 
 import hift_ds
 from hift_ds import CycleLRScheduler, HiFTOptimizer
-from hift_ds.offload import MASTER
+from hift_ds.optim.store import MASTER
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _engine_worker as W  # noqa: E402
@@ -158,7 +158,7 @@ def test_gradient_accumulation_keeps_group_and_matches_large_batch():
 
 # ---- 3. delayed learning rate ---------------------------------------------------------------------
 def test_lr_schedule_in_steps_advances_once_per_cycle(caplog):
-    caplog.set_level(logging.INFO, logger="hift_ds.scheduler_config")
+    caplog.set_level(logging.INFO, logger="hift_ds.deepspeed.scheduler")
     sched_params = {"warmup_min_lr": 1e-4, "warmup_max_lr": 1e-2, "warmup_num_steps": 8, "total_num_steps": 40,
                     "warmup_type": "linear"}
     cfg = W.ds_config(scheduler={"type": "WarmupDecayLR", "params": sched_params})
@@ -197,7 +197,7 @@ def test_lr_schedule_in_steps_advances_once_per_cycle(caplog):
     ref.step(11)
     assert sched.get_last_lr()[0] == pytest.approx(dummy.param_groups[0]["lr"], rel=1e-12, abs=0)
 
-    logs = [r.getMessage() for r in caplog.records if r.name == "hift_ds.scheduler_config" and "converted to cycles"
+    logs = [r.getMessage() for r in caplog.records if r.name == "hift_ds.deepspeed.scheduler" and "converted to cycles"
             in r.getMessage()]
     assert len(logs) == 1, logs
     assert "warmup_num_steps: 8 steps / 4 per cycle, rounded up = 2 cycles" in logs[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hift_ds
-from hift_ds.offload import MASTER
+from hift_ds.optim.store import MASTER
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _engine_worker as W  # noqa: E402
@@ -88,7 +88,7 @@ def test_config_errors(case):
 
 def test_fp16_at_stage0_refused_where_deepspeeds_all_reduce_has_no_fp16(monkeypatch):
     """Several ranks on a device whose DeepSpeed all-reduce lacks fp16 (gloo on most CPUs): one line, the fixes."""
-    import hift_ds.engine as engine_module
+    import hift_ds.deepspeed.engine as engine_module
     monkeypatch.setattr(engine_module, "_world_size", lambda: 2)
     monkeypatch.setattr(engine_module, "_reduces_fp16", lambda: False)
     with pytest.raises(ValueError, match=r'^fp16 at ZeRO stage 0 with 2 ranks is not supported on this device: '
@@ -176,7 +176,7 @@ def test_call_errors():
 def test_hift_block_offloads_by_default_where_it_saves_memory(caplog):
     assert hift_ds.HiFTConfig().offload.device == "auto"
     assert hift_ds.HiFTConfig(offload={"device": "cpu"}).optimizer_kwargs()["offload"] == "cpu"
-    with caplog.at_level("INFO", logger="hift_ds.optimizer"):
+    with caplog.at_level("INFO", logger="hift_ds.optim.optimizer"):
         _, opt, _, _ = hift_ds.initialize(model=W.tiny_llama(), config=_cfg(hift={"group_size": 1}))
     assert opt.offload == ("cpu" if opt.device.type == "cuda" else "none")
     assert f"offload {opt.offload} (auto: model on {opt.device.type})" in caplog.text
@@ -185,7 +185,7 @@ def test_hift_block_offloads_by_default_where_it_saves_memory(caplog):
 @pytest.mark.parametrize("var", ["RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
                                  "SM_TRAINING_ENV"])
 def test_launcher_environment_is_recognised(var, monkeypatch):
-    from hift_ds.engine import _LAUNCHER_ENV, launcher_env_present
+    from hift_ds.deepspeed.engine import _LAUNCHER_ENV, launcher_env_present
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     for key in _LAUNCHER_ENV:

@@ -13,7 +13,7 @@ import transformers  # noqa: E402
 
 from conftest import batch, tiny_llama  # noqa: E402
 from hift_ds import HiFTOptimizer  # noqa: E402
-from hift_ds.offload import GroupStore  # noqa: E402
+from hift_ds.optim.store import GroupStore  # noqa: E402
 from test_kernels import CASE_IDS, TRITON_CASES, full, run_flat_steps  # noqa: E402
 from test_offload import masters_match_reference, train_against_torch_adamw  # noqa: E402
 

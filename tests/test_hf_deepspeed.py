@@ -8,8 +8,8 @@ import torch
 import transformers
 
 import hift_ds
-from hift_ds.optimizer import HiFTOptimizer
-from hift_ds.offload import MASTER
+from hift_ds.optim.optimizer import HiFTOptimizer
+from hift_ds.optim.store import MASTER
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _hf_worker as W  # noqa: E402

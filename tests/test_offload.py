@@ -6,7 +6,7 @@ import torch
 
 from conftest import batch, tiny_llama
 from hift_ds import HiFTOptimizer
-from hift_ds.offload import MASTER
+from hift_ds.optim.store import MASTER
 
 
 def train(model, steps, start=0, **kw):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fake_cuda import fake_cuda
-from hift_ds.offload import MASTER, GroupStore, first_module_of, start_copy_outs_before
+from hift_ds.optim.store import MASTER, GroupStore, first_module_of, start_copy_outs_before
 
 NUMELS = [3, 5, 2]  # unequal, so a slot holds groups of several sizes
 KINDS = {"exp_avg": 0.0, "sum": 0.25}

@@ -321,14 +321,14 @@ def test_hyper_parameters_accept_what_torch_accepts():
 
 
 def test_offload_auto_offloads_on_cuda_only(caplog):
-    from hift_ds.optimizer import resolve_offload
+    from hift_ds.optim.optimizer import resolve_offload
 
     assert resolve_offload("auto", torch.device("cuda", 0), builtin=True) == "cpu"
     assert resolve_offload("auto", torch.device("cpu"), builtin=True) == "none"
     assert resolve_offload("auto", torch.device("cuda", 0), builtin=False) == "none"  # torch classes cannot offload
     assert resolve_offload("cpu", torch.device("cpu"), builtin=True) == "cpu"  # an explicit choice stands
     assert resolve_offload("none", torch.device("cuda", 0), builtin=True) == "none"
-    with caplog.at_level("INFO", logger="hift_ds.optimizer"):
+    with caplog.at_level("INFO", logger="hift_ds.optim.optimizer"):
         opt = HiFTOptimizer(tiny_llama(), "adamw")  # the default is "auto"
     assert opt.offload == "none" and not opt.store.offload
     assert "offload none (auto: model on cpu)" in caplog.text
@@ -339,7 +339,7 @@ def test_offload_auto_offloads_on_cuda_only(caplog):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offload 'auto' offloads only there")
 def test_offload_auto_on_cuda_keeps_inactive_groups_in_pinned_host_memory(caplog):
-    with caplog.at_level("INFO", logger="hift_ds.optimizer"):
+    with caplog.at_level("INFO", logger="hift_ds.optim.optimizer"):
         opt = HiFTOptimizer(tiny_llama(dtype=torch.bfloat16).cuda(), "adamw")
     assert opt.offload == "cpu" and opt.store.offload and opt.store.pinned
     assert opt.store.home[0][next(iter(opt.store.kinds))].is_pinned()

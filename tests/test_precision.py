@@ -154,9 +154,9 @@ def train_fp16(init_scale: float, steps: int, overflow_at: tuple = (), **kw) -> 
 def test_overflows_skip_and_the_run_equals_a_clean_run_at_the_lower_scale(kernel, caplog):
     """AdamW fp16, two overflows on the first step of group 2: nothing moves, then the retry is the clean run's step."""
     at = 2
-    with caplog.at_level("WARNING", logger="hift_ds.optimizer"):
+    with caplog.at_level("WARNING", logger="hift_ds.optim.optimizer"):
         opt, attempts = train_fp16(2.0 ** 16, 8, overflow_at=(at, at + 1), kernel=kernel, offload="cpu")
-    assert [r.getMessage() for r in caplog.records if r.name == "hift_ds.optimizer"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "hift_ds.optim.optimizer"] == [
         "fp16 overflow: step skipped, loss scale now 32768", "fp16 overflow: step skipped, loss scale now 16384"]
     ref_opt, ref = train_fp16(2.0 ** 14, 8, kernel=kernel, offload="cpu")
     skipped = [attempts.pop(at), attempts.pop(at)]

@@ -4,9 +4,9 @@ import logging
 import pytest
 import torch
 
-from hift_ds.scheduler_config import convert_steps_to_cycles, scheduler_from_config
+from hift_ds.deepspeed.scheduler import convert_steps_to_cycles, scheduler_from_config
 
-LOGGER = "hift_ds.scheduler_config"
+LOGGER = "hift_ds.deepspeed.scheduler"
 
 
 def _optimizer(num_groups: int, lr: float = 1e-4) -> torch.optim.Optimizer:

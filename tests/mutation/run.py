@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CLASS = "\u01c1"  # mutmut's separator in method names: hift_ds.optimizer.xǁHiFTOptimizerǁstep__mutmut_3
+CLASS = "\u01c1"  # mutmut's separator in method names: hift_ds.optim.optimizer.xǁHiFTOptimizerǁstep__mutmut_3
 
 
 def _methods(module: str, cls: str, names: list[str]) -> list[str]:
@@ -36,18 +36,18 @@ MODULES = {
     "reference": ("hift_ds/kernels/reference.py",
                   ["tests/test_kernels.py", "-k", "test_reference or torch_backend or state_kinds"], None),
     # The step, activation and state_dict; not the constructor, ZeRO sharding or the memory report.
-    "optimizer": ("hift_ds/optimizer.py",
+    "optimizer": ("hift_ds/optim/optimizer.py",
                   ["tests/test_optimizer.py", "tests/test_optimizer_state.py", "tests/test_precision.py",
                    "tests/test_offload.py",
                    "-k", "not cuda and not engine and not (equivalent and (2- or 3- or top2down)) "
                          "and not (fused_flat and (sgd or adagrad))"],
-                  _methods("hift_ds.optimizer", "HiFTOptimizer", [
+                  _methods("hift_ds.optim.optimizer", "HiFTOptimizer", [
                       "_step_active_group", "_prepare_step", "_update_builtin", "_reduce", "_split", "_activate",
                       "_deactivate", "_adopt_grads", "_on_grad", "zero_grad", "backward", "reduce_in_next_backward",
                       "_masters_from_model", "sync_masters_from_model", "_flatten_weights", "state_dict",
                       "load_state_dict", "_load_weights", "group_param_names", "group_units"])),
     # The store on its own (CUDA path on a simulated device, tests/fake_cuda.py), then through the optimizer.
-    "offload": ("hift_ds/offload.py", ["tests/test_offload_store.py", "tests/test_offload.py"], None),
+    "offload": ("hift_ds/optim/store.py", ["tests/test_offload_store.py", "tests/test_offload.py"], None),
 }
 
 

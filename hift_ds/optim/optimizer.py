@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from hift_ds import kernels
-from hift_ds.hyperparams import builtin_hyper, resolve_optimizer
-from hift_ds.offload import MASTER, GroupStore, first_module_of, start_copy_outs_before
+from hift_ds.optim.hyperparams import builtin_hyper, resolve_optimizer
+from hift_ds.optim.store import MASTER, GroupStore, first_module_of, start_copy_outs_before
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
-from hift_ds.zero import DEFAULT_BUCKET_NUMEL, Collectives, GradReducer, ShardLayout
+from hift_ds.distributed.zero12 import DEFAULT_BUCKET_NUMEL, Collectives, GradReducer, ShardLayout
 from hift_ds.units import HIFT_FROZEN, Unit, discover_units, group_units, units_from_patterns
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if zero_stage and self.name is None:
             raise ValueError(f"ZeRO stage {zero_stage} needs a built-in optimizer ({sorted(kernels.DEFAULTS)})")
         self.zero_stage = zero_stage
-        # Stages 1/2: this rank keeps 1/N of every group's masters and state (hift_ds.zero).
+        # Stages 1/2: this rank keeps 1/N of every group's masters and state (hift_ds.distributed.zero12).
         self._comm = Collectives(dp_group) if zero_stage else None
         world = self._comm.world if self._comm else 1
         self._overlap = zero_stage == 2 and overlap_comm  # stage 2: reduce buckets during backward

@@ -1,6 +1,6 @@
 """One registry of training set-ups, shared by the memory profiler and the benchmarks.
 
-A *set-up* trains the same causal LM (``hift_ds.presets.build_model``, seeded) on the same random
+A *set-up* trains the same causal LM (``hift_ds.profile.presets.build_model``, seeded) on the same random
 token batches with one optimizer arrangement:
 
     fpft                       fp32 weights + torch.autocast(dtype), torch.optim.AdamW (fused on CUDA) over
@@ -143,7 +143,7 @@ def _plain(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, f
 
 # ---- the set-ups -------------------------------------------------------------------------------
 def _fpft(model: nn.Module, o: Options, device: torch.device) -> Built:
-    from hift_ds.presets import full_finetune
+    from hift_ds.profile.presets import full_finetune
 
     forward, _, opt = full_finetune(model, o.lr, DTYPES[o.dtype], WEIGHT_DECAY)
     note = f"fp32 weights + autocast({o.dtype}), fp32 AdamW state" if o.dtype != "fp32" else "fp32"
@@ -152,7 +152,7 @@ def _fpft(model: nn.Module, o: Options, device: torch.device) -> Built:
 
 def _hift(offload: str, prefetch: bool = True, kernel: str = "torch", slots: int = 2):
     def build(model: nn.Module, o: Options, device: torch.device) -> Built:
-        from hift_ds.optimizer import HiFTOptimizer
+        from hift_ds.optim.optimizer import HiFTOptimizer
 
         opt = HiFTOptimizer(model, "adamw", group_size=o.group_size, offload=offload, prefetch=prefetch,
                             offload_slots=slots, kernel=kernel, lr=o.lr, weight_decay=WEIGHT_DECAY)
@@ -176,7 +176,7 @@ def _ds_zero2(offload: bool):
     def build(model: nn.Module, o: Options, device: torch.device) -> Built:
         import deepspeed
 
-        from hift_ds.engine import single_process_env
+        from hift_ds.deepspeed.engine import single_process_env
 
         single_process_env()
         adamw = {"lr": o.lr, "weight_decay": WEIGHT_DECAY}
@@ -283,7 +283,7 @@ def cap_device_memory(gib: float | None, dev: torch.device) -> None:
 
 def build(name: str, o: Options, dev: torch.device) -> Built:
     """Build the model (memory cap, dtype, checkpointing as ``o`` says) and set-up ``name`` around it."""
-    from hift_ds.presets import build_model, enable_gradient_checkpointing
+    from hift_ds.profile.presets import build_model, enable_gradient_checkpointing
 
     reason = skip_reason(name)
     if reason:
@@ -340,11 +340,11 @@ def run_isolated(target: str, payload: dict, timeout: float, log: Path | None = 
     """
     env = dict(os.environ)
     # A source checkout works without installing: the child imports hift_ds from the same tree.
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding hift_ds/, never a folder inside it
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "hift_ds.setups", target, json.dumps(payload), str(result)]
+        cmd = [sys.executable, "-m", "hift_ds.profile.setups", target, json.dumps(payload), str(result)]
         out = open(log, "w") if log else subprocess.PIPE
         try:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
@@ -395,5 +395,5 @@ def _child_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # Through the imported module, not this __main__ copy: Skip must be the class the set-ups raise.
-    from hift_ds.setups import _child_main as child_main
+    from hift_ds.profile.setups import _child_main as child_main
     sys.exit(child_main(sys.argv[1:]))

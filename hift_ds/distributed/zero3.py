@@ -37,10 +37,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from hift_ds.offload import MASTER
-from hift_ds.optimizer import HiFTOptimizer
+from hift_ds.optim.store import MASTER
+from hift_ds.optim.optimizer import HiFTOptimizer
 from hift_ds.precision import cast_parameters
-from hift_ds.zero import Collectives
+from hift_ds.distributed.zero12 import Collectives
 
 logger = logging.getLogger(__name__)
 

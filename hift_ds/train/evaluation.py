@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from hift_ds.data import prompt_ids
+from hift_ds.train.data import prompt_ids
 
 
 def evaluate(model: nn.Module, loader, task: str) -> dict:

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hift_ds.hf_checks import METRIC_SCHEDULES, check_model, check_trainer_inputs, option_value
-from hift_ds.hf_deepspeed import add_optimizer_block, hift_engine_for
-from hift_ds.hf_schedule import TrainerCycleLRScheduler, trainer_schedule_in_cycles
-from hift_ds.optimizer import HiFTOptimizer
+from hift_ds.hf.checks import METRIC_SCHEDULES, check_model, check_trainer_inputs, option_value
+from hift_ds.hf.deepspeed import add_optimizer_block, hift_engine_for
+from hift_ds.hf.schedule import TrainerCycleLRScheduler, trainer_schedule_in_cycles
+from hift_ds.optim.optimizer import HiFTOptimizer
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hift_ds.config import HiFTConfig, parse_hift_config
-from hift_ds.engine import optimizer_from_config  # the "optimizer" block rules of hift_ds.initialize
+from hift_ds.deepspeed.engine import optimizer_from_config  # the "optimizer" block rules of hift_ds.initialize
 
 logger = logging.getLogger(__name__)
 

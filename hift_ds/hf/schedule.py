@@ -13,8 +13,8 @@ import os
 import warnings
 import weakref
 
-from hift_ds.hf_checks import option_value
-from hift_ds.optimizer import HiFTOptimizer
+from hift_ds.hf.checks import option_value
+from hift_ds.optim.optimizer import HiFTOptimizer
 from hift_ds.schedule import CycleLRScheduler, steps_to_cycles
 
 logger = logging.getLogger(__name__)

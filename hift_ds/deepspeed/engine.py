@@ -4,7 +4,7 @@ HiFT owns what DeepSpeed would otherwise do for every parameter at once: mixed p
 masters per group instead of DeepSpeed's full fp32 copy), loss scaling, gradient clipping and the
 LR schedule (stepped once per cycle). The engine underneath runs ZeRO stage 0, so only the
 active group's gradients are all-reduced; at stages 1-3 HiFT shards them itself (stage 3: over the
-model partitioned by DeepSpeed's ZeRO-3 machinery, ``hift_ds.zero3``).
+model partitioned by DeepSpeed's ZeRO-3 machinery, ``hift_ds.distributed.zero3``).
 """
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hift_ds import kernels, zero3
+from hift_ds import kernels
+from hift_ds.distributed import zero3
 from hift_ds.config import load_ds_config, parse_hift_config
-from hift_ds.optimizer import HiFTOptimizer
+from hift_ds.optim.optimizer import HiFTOptimizer
 from hift_ds.precision import DynamicLossScaler, cast_parameters
 from hift_ds.schedule import CycleLRScheduler
-from hift_ds.scheduler_config import scheduler_from_config
+from hift_ds.deepspeed.scheduler import scheduler_from_config
 from hift_ds.units import trainable_parameters
-from hift_ds.zero import DEFAULT_BUCKET_NUMEL
+from hift_ds.distributed.zero12 import DEFAULT_BUCKET_NUMEL
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from hift_ds.engine import initialize as hift_initialize
-from hift_ds.hf_checks import check_model
-from hift_ds.hf_schedule import TrainerCycleLRScheduler
+from hift_ds.deepspeed.engine import initialize as hift_initialize
+from hift_ds.hf.checks import check_model
+from hift_ds.hf.schedule import TrainerCycleLRScheduler
 from hift_ds.schedule import CycleLRScheduler
 
 
