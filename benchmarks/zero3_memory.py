@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         engine.step()
     prof.stop()
     groups = [sum(getattr(p, "ds_numel", p.numel()) for p in ps) for ps in optimizer._params]
-    fetcher = getattr(optimizer, "_fetcher", None)  # ZeRO-3: DeepSpeed keeps its persistent parameters whole
+    fetcher = getattr(optimizer.sharding, "fetcher", None)  # ZeRO-3: DeepSpeed keeps its persistent parameters whole
     persistent = sum(p.ds_numel for p in fetcher.persistent_parameters) if fetcher is not None else 0
     peak = prof.summary()["peak"]
     row = {"rank": rank, "world": world, "stage": args.stage, "offload": args.offload, "slots": args.slots,

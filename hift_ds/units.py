@@ -30,12 +30,12 @@ def param_numel(p: nn.Parameter) -> int:
     return getattr(p, "ds_numel", None) or p.numel()
 
 
-HIFT_FROZEN = "_hift_trainable"  # set on parameters HiFT froze, so a new wrapper still trains them
+FROZEN_BY_HIFT = "_hift_frozen"  # set on parameters HiFT froze, so a new wrapper still trains them
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs of the model that train, each shared parameter listed once."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or getattr(p, HIFT_FROZEN, False)]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or getattr(p, FROZEN_BY_HIFT, False)]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (every requires_grad is False); "
                          "unfreeze the parameters HiFT should train before building the optimizer")

@@ -81,7 +81,7 @@ def train(stage: int, path: str) -> dict:
     facts = {"device": str(engine.device), "dist_backend": torch.distributed.get_backend(), "kernel": optimizer.backend,
              "seconds": seconds, "memory": memory, "steps_done": optimizer.schedule.steps_done}
     if stage == 3:
-        persistent = {id(p) for p in optimizer._fetcher.persistent_parameters}
+        persistent = {id(p) for p in optimizer.sharding.fetcher.persistent_parameters}
         facts.update(partition_devices=sorted({str(p.ds_tensor.device) for p in model.parameters()}),
                      released=all(p.data.numel() == 0 for p in model.parameters() if id(p) not in persistent),
                      persistent=len(persistent), params=len(list(model.parameters())))

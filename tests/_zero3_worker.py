@@ -71,7 +71,7 @@ def observe_one_step(model, engine, optimizer, rank: int, world: int) -> dict:
     partitions = [p.ds_tensor.clone() for p in model.parameters()]
     homes = [{k: v.clone() for k, v in bufs.items()} for bufs in optimizer.store.home]
     x = batch(0, size=8)[rank * (8 // world):(rank + 1) * (8 // world)]
-    before = dict(optimizer._comm.bytes)
+    before = dict(optimizer.sharding.comm.bytes)
     micros = x.chunk(engine.gradient_accumulation_steps())
     for i, micro in enumerate(micros):
         engine.backward(engine(input_ids=micro, labels=micro).loss)
@@ -81,8 +81,8 @@ def observe_one_step(model, engine, optimizer, rank: int, world: int) -> dict:
         engine.step()
     active, params = {id(p) for p in optimizer._params[g]}, list(model.parameters())
     return {"active_group": g,
-            "bytes": {k: v - before.get(k, 0) for k, v in optimizer._comm.bytes.items()},
-            "active_padded_numel": optimizer._layouts[g].padded,
+            "bytes": {k: v - before.get(k, 0) for k, v in optimizer.sharding.comm.bytes.items()},
+            "active_padded_numel": optimizer.sharding.layouts[g].padded,
             "grads_after_backward": any(grads_after_backward),
             "trainable_is_active_group": trainable == active,
             "frozen_partitions_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(partitions, params)
@@ -92,11 +92,11 @@ def observe_one_step(model, engine, optimizer, rank: int, world: int) -> dict:
             "frozen_state_unchanged": all(torch.equal(a[k], b[k]) for i, (a, b) in
                                           enumerate(zip(homes, optimizer.store.home)) if i != g for k in a),
             "memory": optimizer.memory_report(),
-            "partition_numels": [lay.shard_numel for lay in optimizer._layouts],
-            "padded_numels": [lay.padded for lay in optimizer._layouts],
-            "group_numels": [lay.n for lay in optimizer._layouts],
+            "partition_numels": [lay.shard_numel for lay in optimizer.sharding.layouts],
+            "padded_numels": [lay.padded for lay in optimizer.sharding.layouts],
+            "group_numels": [lay.n for lay in optimizer.sharding.layouts],
             "num_params": sum(len(ps) for ps in optimizer._params),
-            "persistent_numel": sum(p.ds_numel for p in optimizer._fetcher.persistent_parameters),
+            "persistent_numel": sum(p.ds_numel for p in optimizer.sharding.fetcher.persistent_parameters),
             "kinds": len(optimizer.store.kinds)}
 
 

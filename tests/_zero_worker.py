@@ -44,13 +44,19 @@ def engine_for(stage: int, opt: str, world: int, gas: int = 1, dtype: str = "fp3
     return model, engine, optimizer
 
 
-def run(engine, rank: int, world: int, start: int, stop: int) -> None:
+def run(engine, rank: int, world: int, start: int, stop: int) -> int:
+    """Train steps [start, stop); the ZeRO-2 buckets started during backward (before each step), summed."""
     gas, per_rank = engine.gradient_accumulation_steps(), 8 // world
+    reducer = getattr(engine.optimizer.sharding, "reducer", None)
+    in_backward = 0
     for s in range(start, stop):
         x = batch(s, size=8)[rank * per_rank:(rank + 1) * per_rank]
         for micro in x.chunk(gas):
             engine.backward(engine(input_ids=micro, labels=micro).loss)
+            if reducer is not None and engine.is_gradient_accumulation_boundary():
+                in_backward += sum(reducer.launched)
             engine.step()
+    return in_backward
 
 
 def params_of(model) -> list:
@@ -69,19 +75,20 @@ def train_stages(rank: int, world: int) -> dict:
         for stage in (0, 1, 2) if gas == 1 else (0, 2):
             model, engine, optimizer = engine_for(stage, opt, world, gas)
             steps = 2 * optimizer.num_groups
-            before = dict(optimizer._comm.bytes) if optimizer._comm else {}
-            run(engine, rank, world, 0, 1)
-            one_step = {k: v - before.get(k, 0) for k, v in (optimizer._comm.bytes if optimizer._comm else {}).items()}
+            comm = getattr(optimizer.sharding, "comm", None)
+            before = dict(comm.bytes) if comm else {}
+            in_backward = run(engine, rank, world, 0, 1)
+            one_step = {k: v - before.get(k, 0) for k, v in (comm.bytes if comm else {}).items()}
             first_group = optimizer.schedule.order(0)[0]
-            run(engine, rank, world, 1, steps)
+            in_backward += run(engine, rank, world, 1, steps)
             params = params_of(model)
             results[(opt, stage) if gas == 1 else (opt, stage, f"gas{gas}")] = {
                 "params": params, "ranks_equal": ranks_equal(params, world),
                 "memory": optimizer.memory_report(), "bytes_first_step": one_step, "first_group": first_group,
                 "group_numels": [sum(p.numel() for p in ps) for ps in optimizer._params],
                 "order": [optimizer.schedule.order(c) for c in range(2)],
-                "buckets_in_backward": optimizer._reducer.launched_in_backward if optimizer._reducer else 0,
-                "buckets": [lay.buckets for lay in optimizer._layouts]}
+                "buckets_in_backward": in_backward,
+                "buckets": [lay.buckets for lay in optimizer.sharding.layouts] if stage else []}
     return results
 
 
@@ -115,7 +122,7 @@ def save_checkpoints(rank: int, world: int, ckpt: str) -> dict:
     results = {}
     for opt, dtype in CKPT_VARIANTS:
         model, engine, optimizer = engine_for(2, opt, world, dtype=dtype)
-        assert max(lay.buckets for lay in optimizer._layouts) > 1
+        assert max(lay.buckets for lay in optimizer.sharding.layouts) > 1
         run(engine, rank, world, 0, SAVE_AT)
         engine.save_checkpoint(os.path.join(ckpt, f"w{world}", f"{opt}-{dtype}"), tag="mid")
         saved = {"params": params_of(model), "optimizer": optimizer.state_dict()}

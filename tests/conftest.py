@@ -101,3 +101,22 @@ def assert_equal_tree(a, b, where="") -> None:
             assert_equal_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def store_allocations(monkeypatch) -> list:
+    """Every buffer a GroupStore allocates from now on, as (numel, device) entries in the returned list."""
+    from hift_ds.optim.store import GroupStore
+
+    made, alloc = [], GroupStore._alloc
+
+    def counting(self, n, device, fill):
+        made.append((n, device))
+        return alloc(self, n, device, fill)
+    monkeypatch.setattr(GroupStore, "_alloc", counting)
+    return made
+
+
+def buckets_started(optimizer) -> int:
+    """Buckets of the active group the ZeRO-2 reducer has started so far (before the step: during backward)."""
+    return sum(optimizer.sharding.reducer.launched)

@@ -147,10 +147,10 @@ def test_cuda_fp16_overflow_skip_equals_a_clean_run_at_the_lowered_scale(kernel,
             if s == overflow_at and inject and not injected:
                 next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
                 before = [p.detach().clone() for p in model.parameters()]
-                steps, group = [list(x) for x in opt._steps], opt.active_group
+                steps, group = list(opt.group_steps), opt.active_group
                 opt.step()
                 assert opt.overflow and opt.skipped_steps == 1 and opt.loss_scale == 2.0 ** 15
-                assert opt.active_group == group and opt._steps == steps
+                assert opt.active_group == group and opt.group_steps == steps
                 assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
                 opt.zero_grad()
                 injected = True
@@ -162,6 +162,6 @@ def test_cuda_fp16_overflow_skip_equals_a_clean_run_at_the_lowered_scale(kernel,
 
     a, opt_a = run(True)
     b, opt_b = run(False)
-    assert opt_a._steps == opt_b._steps and opt_a.loss_scale == opt_b.loss_scale == 2.0 ** 15
+    assert opt_a.group_steps == opt_b.group_steps and opt_a.loss_scale == opt_b.loss_scale == 2.0 ** 15
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from hift_ds.units import HIFT_FROZEN
+from hift_ds.units import FROZEN_BY_HIFT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _hf_worker as W  # noqa: E402
@@ -97,7 +97,7 @@ def test_refused_with_one_clear_error_and_nothing_built(tmp_path, case):
         HiFTTrainer(model=model, args=args, train_dataset=W.CountingData(), **trainer_kwargs)
     # Nothing half-built: no parameter frozen or marked by HiFT, no weight changed, DeepSpeed untouched.
     assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
-    assert not any(hasattr(p, HIFT_FROZEN) for p in model.parameters())
+    assert not any(hasattr(p, FROZEN_BY_HIFT) for p in model.parameters())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert deepspeed.initialize is initialize
 

@@ -57,7 +57,7 @@ def test_trainer_builds_the_engine_of_hift_ds_initialize(tmp_path, stage):
     # HiFT's engine: DeepSpeed at stage 0 with no bf16 wrapper (no fp32 copy of every weight), HiFT's
     # masters in host memory, sharded by HiFT itself at stage 2.
     assert isinstance(engine.optimizer, HiFTOptimizer) and engine.zero_optimization_stage() == 0
-    assert not engine.bfloat16_enabled() and engine.optimizer.zero_stage == stage
+    assert not engine.bfloat16_enabled() and engine.optimizer.sharding.stage == stage
     assert all(p.dtype == torch.bfloat16 for p in got["trainer"].model.parameters())
     assert MASTER in engine.optimizer.store.home[0] and engine.optimizer.store.offload
     # Step 1 trained group 0 (the embeddings) only.

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batch, tiny_llama
+from conftest import batch, buckets_started, tiny_llama
 from hift_ds import HiFTOptimizer, lr_cycle_scheduler
+from hift_ds.distributed.zero12 import Zero12Sharding
 
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -260,7 +261,7 @@ def test_unused_parameter_gets_a_zero_gradient_on_every_backend(variant):
     ref_model, model = _WithUnused(), _WithUnused()
     ref = HiFTOptimizer(ref_model, "adamw", units=units, lr=0.1, weight_decay=0.5)
     kw = {"inner": dict(optimizer=torch.optim.AdamW), "flat": dict(optimizer="adamw", kernel="triton"),
-          "zero1": dict(optimizer="adamw", zero_stage=1)}[variant]
+          "zero1": dict(optimizer="adamw", sharding=Zero12Sharding(1))}[variant]
     opt = HiFTOptimizer(model, units=units, lr=0.1, weight_decay=0.5, **kw)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     for _ in range(4):
@@ -269,7 +270,7 @@ def test_unused_parameter_gets_a_zero_gradient_on_every_backend(variant):
             o.step()
             o.zero_grad()
     assert not torch.equal(ref_model.spare, torch.ones(3))  # decayed, as with a zero gradient
-    assert ref._steps == [[2, 2], [2, 2, 2]]
+    assert ref.group_steps == [2, 2]
     for p, q in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -355,14 +356,15 @@ def test_zero2_backward_reduces_by_default_and_adopts_fresh_grads_as_views():
     """opt.backward() arms the in-backward reduction (last micro-batch by default); grads made by autograd after
     model.zero_grad() become views into the flat buffer, which the step reads (and must not zero again)."""
     model = tiny_llama()
-    opt = HiFTOptimizer(model, "adamw", lr=1e-2, zero_stage=2, reduce_bucket_size=500)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, sharding=Zero12Sharding(2, reduce_bucket_size=500))
     active = opt._params[opt.active_group]
-    assert all(in_buffer(p.grad, opt._grad_buf) for p in active)
+    buf = opt.sharding.grads.buf_device
+    assert all(in_buffer(p.grad, buf) for p in active)
     model.zero_grad(set_to_none=True)
     x = batch(0)
     opt.backward(model(input_ids=x, labels=x).loss)
-    assert opt._reducer.launched_in_backward > 1
-    assert all(p.grad is not None and in_buffer(p.grad, opt._grad_buf) for p in active)
+    assert buckets_started(opt) > 1
+    assert all(p.grad is not None and in_buffer(p.grad, buf) for p in active)
     opt.step()
     opt.reduce_in_next_backward()  # called alone (a loop that does its own backward): last micro-batch too
-    assert opt._reducer.armed
+    assert opt.sharding.reducer.armed

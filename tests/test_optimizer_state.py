@@ -8,6 +8,7 @@ import torch
 
 from conftest import assert_equal_tree, batch, tiny_llama
 from hift_ds import HiFTOptimizer
+from hift_ds.distributed.zero12 import Zero12Sharding
 from hift_ds.precision import DynamicLossScaler
 
 # Each variant keeps different state: moments and a random order; an inner torch optimizer's own state dict;
@@ -18,7 +19,8 @@ VARIANTS = {
     "inner-rmsprop": dict(dtype=torch.float32, optimizer=torch.optim.RMSprop, lr=1e-2),
     "bf16-offload": dict(dtype=torch.bfloat16, optimizer="adamw", offload="cpu", lr=1e-2),
     "fp16-overflow": dict(dtype=torch.float16, optimizer="sgd", lr=0.1, momentum=0.9),
-    "zero2-one-rank": dict(dtype=torch.bfloat16, optimizer="adamw", zero_stage=2, reduce_bucket_size=500, lr=1e-2),
+    "zero2-one-rank": dict(dtype=torch.bfloat16, optimizer="adamw", lr=1e-2,
+                           sharding=lambda: Zero12Sharding(2, reduce_bucket_size=500)),
 }
 SAVE_AT, STOP_AT, OVERFLOW_AT = 7, 12, 2
 
@@ -28,6 +30,8 @@ def make(variant: str, seed: int = 0) -> tuple:
     model = tiny_llama(seed=seed, dtype=kw.pop("dtype"))
     if variant.startswith("fp16"):
         kw["loss_scaler"] = DynamicLossScaler(hysteresis=1)
+    if "sharding" in kw:
+        kw["sharding"] = kw["sharding"]()  # one strategy per optimizer
     return model, HiFTOptimizer(model, **kw)
 
 
@@ -102,4 +106,4 @@ def test_fp16_state_resumes_in_bf16():
     masters = opt_a.state_dict()["state"]
     for g in range(opt_b.num_groups):  # the bf16 weights are the casts of the fp16 run's masters
         assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(opt_b._params[g],
-                                                                         opt_b._split(g, masters[g]["master"])))
+                                                                         opt_b.sharding.split(g, masters[g]["master"])))

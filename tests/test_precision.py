@@ -145,7 +145,7 @@ def train_fp16(init_scale: float, steps: int, overflow_at: tuple = (), **kw) -> 
         opt.zero_grad()
         applied += not opt.overflow
         attempts.append(dict(group=group, overflow=opt.overflow, scale=opt.loss_scale,
-                             steps=[list(s) for s in opt._steps], done=opt.schedule.steps_done,
+                             steps=list(opt.group_steps), done=opt.schedule.steps_done,
                              params=[p.detach().clone() for p in model.parameters()]))
     return opt, attempts
 
@@ -201,7 +201,7 @@ def test_fp16_masters_follow_fp32_sgd_on_unscaled_clipped_gradients():
     assert not opt.skipped_steps and opt.loss_scale == 2.0 ** 12
     opt.store.synchronize()  # the last group's copy home waits for a forward that does not come
     for g in range(opt.num_groups):
-        for name, m, p in zip(opt.group_param_names(g), opt._split(g, opt.store.home[g]["master"]), opt._params[g]):
+        for name, m, p in zip(opt.group_param_names(g), opt.sharding.split(g, opt.store.home[g]["master"]), opt._params[g]):
             torch.testing.assert_close(m, ref[name], msg=name)
             assert torch.equal(p, m.to(torch.float16)), name
 
@@ -216,7 +216,7 @@ def test_flat_path_keeps_grads_as_views_through_a_skipped_step():
     opt.backward(model(input_ids=x, labels=x).loss * math.inf)
     opt._params[opt.active_group][0].grad = None
     opt.step()
-    buf = opt._grad_buf
+    buf = opt.sharding.grads.buf_device
     assert opt.overflow and all(p.grad is not None and buf.data_ptr() <= p.grad.data_ptr() < buf.data_ptr() +
                                 buf.numel() * buf.element_size() for p in opt._params[opt.active_group])
 
@@ -242,7 +242,7 @@ def train_engine_fp16(scale_power: int, steps: int, overflow_at: int | None = No
         engine.step()
         applied += not opt.overflow
         attempts.append(dict(group=group, lr=lr, lr_after=opt.param_groups[opt.active_group]["lr"],
-                             overflow=opt.overflow, scale=opt.loss_scale, steps=[list(s) for s in opt._steps],
+                             overflow=opt.overflow, scale=opt.loss_scale, steps=list(opt.group_steps),
                              params=[p.detach().clone() for p in engine.module.parameters()]))
     return engine, opt, attempts
 

@@ -97,7 +97,7 @@ def test_every_config_runs_two_steps(path, monkeypatch):
     trained, weights_after = set(groups), weights_by_name(model)
     for g, (before, after) in enumerate(zip(values_before, hift_values(optimizer))):
         assert torch.equal(before, after) != (g in trained), (g, groups)
-        assert optimizer._steps[g] == [int(g in trained)] * len(optimizer._params[g])
+        assert optimizer.group_steps[g] == int(g in trained)
         for name in optimizer.group_param_names(g):
             if g not in trained:
                 assert torch.equal(weights_after[name], weights_before[name]), name

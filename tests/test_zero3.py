@@ -206,7 +206,7 @@ def test_models_that_cannot_be_partitioned_are_clear_errors():
 
     import hift_ds
     from conftest import tiny_llama
-    from hift_ds.distributed.zero3 import HiFTZero3Optimizer, partition_model
+    from hift_ds.distributed.zero3 import Zero3Sharding, partition_model
 
     config = tiny_llama().config
     with torch.device("meta"):
@@ -219,15 +219,13 @@ def test_models_that_cannot_be_partitioned_are_clear_errors():
     with pytest.raises(ValueError, match=r"partitioned by zero.Init in torch.float32, but the config trains in "
                                          r"torch.bfloat16: pass the same DeepSpeed config to zero.Init"):
         hift_ds.initialize(model=fp32, config=stage3_config(bf16=True))
-    with pytest.raises(ValueError, match=r"HiFTOptimizer supports ZeRO stages 0, 1 and 2; stage 3 partitions the "
-                                         r"model with DeepSpeed: use hift_ds.initialize"):
-        hift_ds.HiFTOptimizer(tiny_llama(), "adamw", zero_stage=3)
-    with pytest.raises(ValueError, match=r"HiFTZero3Optimizer needs a model partitioned by DeepSpeed ZeRO-3"):
-        HiFTZero3Optimizer(tiny_llama(), "adamw", param_fetcher=None)
+    with pytest.raises(ValueError, match=r"ZeRO-3 sharding needs a model partitioned by DeepSpeed ZeRO-3; use "
+                                         r"hift_ds.initialize"):
+        hift_ds.HiFTOptimizer(tiny_llama(), "adamw", sharding=Zero3Sharding(param_fetcher=None))
     model = tiny_llama()
     fetcher = partition_model(model, stage3_config(), torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"ZeRO stage 3 needs a built-in optimizer"):
-        HiFTZero3Optimizer(model, torch.optim.RMSprop, param_fetcher=fetcher)
+        hift_ds.HiFTOptimizer(model, torch.optim.RMSprop, sharding=Zero3Sharding(fetcher))
 
 
 @pytest.mark.usefixtures("single_rank_env")

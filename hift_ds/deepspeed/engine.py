@@ -27,7 +27,7 @@ from hift_ds.precision import DynamicLossScaler, cast_parameters
 from hift_ds.schedule import CycleLRScheduler
 from hift_ds.deepspeed.scheduler import scheduler_from_config
 from hift_ds.units import trainable_parameters
-from hift_ds.distributed.zero12 import DEFAULT_BUCKET_NUMEL
+from hift_ds.distributed.zero12 import DEFAULT_BUCKET_NUMEL, Zero12Sharding
 
 logger = logging.getLogger(__name__)
 
@@ -190,16 +190,14 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         raise ValueError(f"fp16 at ZeRO stage 0 with {world} ranks is not supported on this device: DeepSpeed's "
                          "gradient all-reduce here (gloo on CPU) cannot reduce fp16 gradients; use \"bf16\": "
                          "{\"enabled\": true}, GPUs, or zero_optimization.stage 1 or 2 (HiFT reduces those itself)")
-    sharding = {"reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
-                "overlap_comm": bool(zero.get("overlap_comm", True))} if stage == 2 else {}
-    opt_class = HiFTOptimizer
     if stage == 3:  # DeepSpeed partitions the model and gathers/releases each module's weights
-        sharding = {"param_fetcher": zero3.partition_model(model, partition_config, dtype, _device())}
-        opt_class = zero3.HiFTZero3Optimizer
+        sharding = zero3.Zero3Sharding(zero3.partition_model(model, partition_config, dtype, _device()))
     else:
         model = cast_parameters(model.to(_device()), dtype)
-    optimizer = opt_class(model, name, loss_scaler=scaler, max_grad_norm=clip, zero_stage=stage,
-                          **sharding, **hift.optimizer_kwargs(), **opt_params)
+        sharding = Zero12Sharding(stage, reduce_bucket_size=int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
+                                  overlap_comm=bool(zero.get("overlap_comm", True))) if stage else None
+    optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, sharding=sharding,
+                              **hift.optimizer_kwargs(), **opt_params)
 
     sched_block = ds_config.pop("scheduler", None)
     if sched_block is not None and lr_scheduler is not None:
@@ -245,7 +243,7 @@ def _resync_after_partial_loads(engine, optimizer: HiFTOptimizer) -> None:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         partial = bound.arguments["load_module_only"] or not bound.arguments["load_optimizer_states"]
-        if partial and optimizer.zero_stage == 3:
+        if partial and optimizer.sharding.stage == 3:
             raise ValueError("at ZeRO stage 3 the checkpoint's weights live in the HiFT optimizer state (the module "
                              "state holds empty partitions), so load_module_only=True / load_optimizer_states=False "
                              "cannot restore them; load the whole checkpoint, or start from a consolidated 16-bit "

@@ -20,7 +20,10 @@ from __future__ import annotations
 import collections
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from hift_ds.optim.grads import FlatGrads, flatten_weights, hook_gradients
+from hift_ds.optim.sharding import Sharding
 
 # Stage 2 bucket size in elements when the config has no reduce_bucket_size: DeepSpeed's default
 # (5e8) is sized for a whole model and would make one bucket of any HiFT group.
@@ -132,7 +135,6 @@ class GradReducer:
         self.handles: list = []
         self.remaining: list[int] = []
         self.launched: list[bool] = []
-        self.launched_in_backward = 0  # buckets started before the optimizer step (overlap evidence)
 
     @property
     def armed(self) -> bool:
@@ -152,7 +154,6 @@ class GradReducer:
             self.remaining[b] -= 1
             if self.remaining[b] == 0 and not self.launched[b]:
                 self._launch(b)
-                self.launched_in_backward += 1
 
     def _launch(self, b: int) -> None:
         lay = self.layouts[self.group]
@@ -177,3 +178,108 @@ class GradReducer:
             if h is not None:
                 h.wait()
         self.handles.clear()
+
+
+class Zero12Sharding(Sharding):
+    """ZeRO-1/2: each rank updates its 1/N of the active group's masters and state, then all-gathers the weights."""
+
+    always_flat = True
+
+    def __init__(self, stage: int, group=None, reduce_bucket_size: int = DEFAULT_BUCKET_NUMEL, overlap_comm: bool = True):
+        if stage not in (1, 2):
+            raise ValueError(f"Zero12Sharding is ZeRO stage 1 or 2, got {stage!r}")
+        self.stage = stage
+        self.comm = Collectives(group)
+        self.world, self.rank = self.comm.world, self.comm.rank
+        self.overlap = stage == 2 and overlap_comm  # stage 2: reduce buckets during backward
+        self.bucket_numel = reduce_bucket_size if self.overlap else None
+
+    def bind(self, groups: list[list[nn.Parameter]], flat: bool, masters: bool) -> None:
+        """Pad each group's flat weights to whole shards; one gradient buffer, this rank's shard of it."""
+        self.groups, self.masters = groups, masters
+        self.layouts = [ShardLayout(sum(p.numel() for p in ps), self.world, self.rank, self.bucket_numel)
+                        for ps in groups]
+        self.weights_device = [flatten_weights(ps, lay.padded) for ps, lay in zip(groups, self.layouts)]
+        like = groups[0][0]
+        self.grads = FlatGrads(groups, max(lay.padded for lay in self.layouts), like.dtype, like.device)
+        shard = max(lay.shard_numel for lay in self.layouts)
+        # This rank's summed gradient and updated weights, one shard of a group each.
+        self.grad_shard_device = torch.zeros(shard, dtype=like.dtype, device=like.device)
+        self.weight_shard_device = torch.zeros(shard, dtype=like.dtype, device=like.device)
+        self.reducer = GradReducer(self.comm, groups, self.layouts, self.grads.buf_device, self.grad_shard_device)
+        hook_gradients(self, [p for ps in groups for p in ps], Zero12Sharding._on_grad)
+
+    @property
+    def store_numels(self) -> list[int]:
+        """Elements of each group's shard."""
+        return [lay.shard_numel for lay in self.layouts]
+
+    def masters_from_model(self, g: int) -> Tensor:
+        """This rank's shard of group ``g``'s weights, in fp32."""
+        return self.layouts[g].shard_of(self.weights_device[g]).float()
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        # Post-accumulate hook: the parameter's gradient for this backward is complete.
+        if self.reducer.armed:
+            self.grads.adopt_one(p)
+            self.reducer.on_grad(p)
+
+    def arm(self, g: int, last_micro_batch: bool) -> None:
+        """Stage 2: reduce the coming backward's gradients as produced (only on the last micro-batch)."""
+        if self.overlap and last_micro_batch:
+            self.reducer.arm(g)
+
+    def zero_grad(self, g: int, set_to_none: bool) -> None:
+        """Wait for any reduction still reading the buffer, then zero it."""
+        self.reducer.wait()
+        self.grads.buf_device.zero_()
+
+    def gradient(self, g: int) -> tuple[Tensor, list[Tensor], int]:
+        """This rank's shard of the gradient summed over the N ranks (stage 2: mostly during backward already), and N."""
+        self.grads.adopt(g)
+        flat = self.reducer.finish(g)
+        return flat, [flat], self.world
+
+    def all_reduce(self, t: Tensor, op: str) -> float:
+        """``t`` summed or maxed over the ranks."""
+        self.comm.all_reduce(t, op)
+        return float(t)
+
+    def split(self, g: int, flat: Tensor) -> list[Tensor]:
+        """A shard is updated as one tensor."""
+        return [flat]
+
+    def update_weights(self, g: int) -> Tensor:
+        """A scratch shard the update writes; in fp32 it first holds this rank's weights, which the update reads."""
+        lay = self.layouts[g]
+        weight = self.weight_shard_device[:lay.shard_numel]
+        if not self.masters:
+            weight.view(lay.buckets, lay.chunk).copy_(lay.shard_view(self.weights_device[g]))
+        return weight
+
+    def publish(self, g: int, weights: Tensor) -> None:
+        """All-gather every rank's updated shard into the group's weights."""
+        lay = self.layouts[g]
+        for b in range(lay.buckets):
+            self.comm.all_gather(self.weights_device[g][lay.bucket(b)], weights[lay.shard_chunk(b)])
+
+    def checkpoint_state(self, home: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Whole groups, unpadded, assembled from every rank's shard: a checkpoint resumes on any rank count."""
+        device = self.grads.buf_device.device
+        return [{k: lay.gather_full(self.comm, buf, device) for k, buf in bufs.items()}
+                for bufs, lay in zip(home, self.layouts)]
+
+    def shard_of(self, g: int, full: Tensor) -> Tensor:
+        """This rank's shard of a whole group buffer."""
+        return self.layouts[g].shard_of(full.reshape(-1))
+
+    def memory_bytes(self) -> dict[str, int]:
+        """As at stage 0, plus the scratch weight shard and the gradient shard."""
+        out = super().memory_bytes()
+        out["model_weights"] += _bytes(self.weight_shard_device)
+        out["gradients"] += _bytes(self.grad_shard_device)
+        return out
+
+
+def _bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()

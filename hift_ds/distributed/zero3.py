@@ -6,7 +6,7 @@ DeepSpeed's own ZeRO-3 machinery partitions the model: ``deepspeed.zero.Init`` (
 hooks all-gather a module's weights before its forward and backward and release them afterwards.
 DeepSpeed's ZeRO-3 *optimizer* is not used: it keeps an fp32 partition, gradient partition and
 optimizer state of every trainable parameter and steps all of them, which is what HiFT avoids
-(docs/architecture.md). ``HiFTZero3Optimizer`` takes its place:
+(docs/architecture.md). ``Zero3Sharding`` takes its place in the HiFT optimizer:
 
 - each group's partitions on this rank are flattened into one buffer (``param.ds_tensor`` become
   views into it, as DeepSpeed's stage-3 optimizer does), so the fused update writes the new 16-bit
@@ -37,10 +37,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from hift_ds.distributed.zero12 import Collectives, GradReducer
+from hift_ds.optim.grads import hook_gradients
+from hift_ds.optim.sharding import Sharding
 from hift_ds.optim.store import MASTER
-from hift_ds.optim.optimizer import HiFTOptimizer
 from hift_ds.precision import cast_parameters
-from hift_ds.distributed.zero12 import Collectives
 
 logger = logging.getLogger(__name__)
 
@@ -206,122 +207,149 @@ class PartitionLayout:
                           for n, c, o in zip(self.numels, self.parts, self.offsets)]).cpu()
 
 
-class HiFTZero3Optimizer(HiFTOptimizer):
-    """HiFT over a model partitioned by DeepSpeed ZeRO-3: updates this rank's partition of the active group."""
+class Zero3Sharding(Sharding):
+    """ZeRO-3: updates this rank's DeepSpeed partitions of the active group, its masters and state sharded alike."""
 
-    _ZERO_STAGES = (3,)
-    _gathers_weights = False
+    stage = 3
+    always_flat = True
 
-    def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, param_fetcher: Any,
-                 zero_stage: int = 3, **kwargs):
-        params = list(model.parameters())
-        if not params or not all(is_partitioned(p) for p in params):
-            raise ValueError("HiFTZero3Optimizer needs a model partitioned by DeepSpeed ZeRO-3; use hift_ds.initialize "
-                             'with "zero_optimization": {"stage": 3}, which partitions it')
-        self._fetcher = param_fetcher  # DeepSpeedZeRoOffload: releases and re-gathers around the update
-        super().__init__(model, optimizer, zero_stage=zero_stage, **kwargs)
+    def __init__(self, param_fetcher: Any, group=None):
+        self.fetcher = param_fetcher  # DeepSpeedZeRoOffload: releases and re-gathers around the update
+        self.comm = Collectives(group)
+        self.world, self.rank = self.comm.world, self.comm.rank
 
-    # ---- layout and gradients ----------------------------------------------------------------
-    def _layout_groups(self, numels: list[int], world: int,
-                       bucket_numel: int | None) -> tuple[list[PartitionLayout], list[Tensor]]:
+    def bind(self, groups: list[list[nn.Parameter]], flat: bool, masters: bool) -> None:
         """Each group's DeepSpeed partitions on this rank moved into one flat buffer (the update's target)."""
-        layouts, weights = [], []
-        self._slot: dict[int, tuple[int, int]] = {}
-        for g, params in enumerate(self._params):
-            sizes = {p.ds_zero_partition_world_size for p in params}
-            if sizes != {world}:
-                raise ValueError(f"parameters are partitioned over {sorted(sizes)} ranks but HiFT shards over {world}; "
-                                 "partition over the whole world (no data_parallel_group / mpu)")
-            lay = PartitionLayout(params, world, self._comm.rank)
-            flat = torch.zeros(lay.shard_numel, dtype=self.model_dtype, device=self.device)
-            for i, p in enumerate(params):
+        params = [p for ps in groups for p in ps]
+        if not params or not all(is_partitioned(p) for p in params):
+            raise ValueError("ZeRO-3 sharding needs a model partitioned by DeepSpeed ZeRO-3; use hift_ds.initialize "
+                             'with "zero_optimization": {"stage": 3}, which partitions it')
+        self.groups, self.masters = groups, masters
+        self.layouts, self.weights_device, self.slot = [], [], {}
+        dtype, device = params[0].ds_tensor.dtype, params[0].ds_tensor.device
+        for g, ps in enumerate(groups):
+            sizes = {p.ds_zero_partition_world_size for p in ps}
+            if sizes != {self.world}:
+                raise ValueError(f"parameters are partitioned over {sorted(sizes)} ranks but HiFT shards over "
+                                 f"{self.world}; partition over the whole world (no data_parallel_group / mpu)")
+            lay = PartitionLayout(ps, self.world, self.rank)
+            flat = torch.zeros(lay.shard_numel, dtype=dtype, device=device)
+            for i, p in enumerate(ps):
                 piece = flat[lay.offsets[i]:lay.offsets[i] + lay.parts[i]]
                 # Only the real elements: DeepSpeed leaves the last partition's padding uninitialised.
                 piece[:lay.valid(i)].copy_(p.ds_tensor.data.reshape(-1)[:lay.valid(i)])
                 p.ds_tensor.data = piece
                 p._hift_zero3_owner = weakref.ref(self)  # the newest optimizer of this model takes its gradients
-                self._slot[id(p)] = (g, i)
-            layouts.append(lay)
-            weights.append(flat)
-        return layouts, weights
+                self.slot[id(p)] = (g, i)
+            self.layouts.append(lay)
+            self.weights_device.append(flat)
+        # The full gradients of a group, rank-major (N, S); no .grad outlives its backward.
+        self.grad_buf_device = torch.zeros(max(lay.padded for lay in self.layouts), dtype=dtype, device=device)
+        self.grad_shard_device = torch.zeros(max(lay.shard_numel for lay in self.layouts), dtype=dtype, device=device)
+        self.grads = None
+        self.reducer = GradReducer(self.comm, groups, self.layouts, self.grad_buf_device, self.grad_shard_device)
+        hook_gradients(self, params, Zero3Sharding._on_grad)
 
-    def _masters_from_model(self, g: int) -> Tensor:
-        return self._weights[g].float()
+    @property
+    def store_numels(self) -> list[int]:
+        """Elements of this rank's partitions of each group."""
+        return [lay.shard_numel for lay in self.layouts]
 
-    def _activate(self, g: int) -> None:
-        for p in self._params[g]:
-            p.requires_grad_(True)
-        self._grad_buf.zero_()
-        if self.prefetch:
-            self.store.prefetch(g)
+    def masters_from_model(self, g: int) -> Tensor:
+        """This rank's partitions of group ``g``, in fp32."""
+        return self.weights_device[g].float()
+
+    def activate(self, g: int) -> None:
+        """The gradient buffer starts at zero (gradients are added into it, not viewed)."""
+        self.grad_buf_device.zero_()
 
     def _on_grad(self, p: nn.Parameter) -> None:
         # The parameter's full gradient of this backward: into its rows of the group buffer, then
         # freed, so no full-size .grad outlives its backward (gradient accumulation adds up here).
         if p._hift_zero3_owner() is not self:  # the model was wrapped again; that optimizer trains it now
             return
-        g, i = self._slot[id(p)]
-        self._layouts[g].add_grad(self._grad_buf, i, p.grad)
+        g, i = self.slot[id(p)]
+        self.layouts[g].add_grad(self.grad_buf_device, i, p.grad)
         p.grad = None
 
-    # ---- the step ----------------------------------------------------------------------------
-    def _prepare_step(self, g: int) -> None:
+    def zero_grad(self, g: int, set_to_none: bool) -> None:
+        """Wait for any reduction still reading the buffer, then zero it."""
+        self.reducer.wait()
+        self.grad_buf_device.zero_()
+
+    def gradient(self, g: int) -> tuple[Tensor, list[Tensor], int]:
+        """This rank's partitions of the gradient summed over the N ranks, and N."""
         # Weights left gathered by forward/backward would be stale after the update (DeepSpeed's
         # stage-3 optimizer releases them first too); the gradients are in the buffer already.
-        self.checkpoint_event_prologue()
+        self.before_checkpoint()
+        flat = self.reducer.finish(g)
+        return flat, [flat], self.world
 
-    def _shard_target(self, g: int) -> Tensor:
-        return self._weights[g]  # DeepSpeed's partitions themselves (ds_tensor views)
+    def all_reduce(self, t: Tensor, op: str) -> float:
+        """``t`` summed or maxed over the ranks."""
+        self.comm.all_reduce(t, op)
+        return float(t)
 
-    def _publish(self, g: int, weight: Tensor) -> None:
-        if self.device.type == "cuda":
+    def split(self, g: int, flat: Tensor) -> list[Tensor]:
+        """A shard is updated as one tensor."""
+        return [flat]
+
+    def update_weights(self, g: int) -> Tensor:
+        """DeepSpeed's partitions themselves (``ds_tensor`` views)."""
+        return self.weights_device[g]
+
+    def publish(self, g: int, weights: Tensor) -> None:
+        """DeepSpeed's hooks gather the rest when the next forward needs it; its persistent parameters now."""
+        if weights.device.type == "cuda":
             # DeepSpeed all-gathers partitions on its own stream, which does not wait for this one:
             # the update must have written them before the next forward's hooks read them.
-            torch.cuda.current_stream(self.device).synchronize()
-        self._gather_persistent()  # the rest is gathered by DeepSpeed's hooks when the next forward needs it
+            torch.cuda.current_stream(weights.device).synchronize()
+        self._gather_persistent()
 
     def _gather_persistent(self) -> None:
-        persistent = self._fetcher.persistent_parameters
+        persistent = self.fetcher.persistent_parameters
         if persistent:
             persistent[0].all_gather(param_list=persistent)
 
-    # ---- checkpoints (DeepSpeed's engine calls the two events around save and load) ------------
-    def checkpoint_event_prologue(self) -> None:
+    def before_checkpoint(self) -> None:
         """Release every gathered weight, so the module state holds partitions only and nothing goes stale."""
-        self._fetcher.partition_all_parameters()
+        self.fetcher.partition_all_parameters()
 
-    def checkpoint_event_epilogue(self) -> None:
+    def after_checkpoint(self) -> None:
         """Gather DeepSpeed's persistent parameters again."""
         self._gather_persistent()
 
-    def state_dict(self) -> dict:
-        """As HiFTOptimizer's, plus the gathered fp32 weights when there are no masters (fp32 training)."""
-        out = super().state_dict()
-        if not self.masters:  # the module state holds empty partitions: the weights travel here
-            for st, w, lay in zip(out["state"], self._weights, self._layouts):
-                st[WEIGHT] = lay.gather_full(self._comm, w, self.device)
+    def checkpoint_state(self, home: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Whole groups from every rank's partitions; without masters (fp32) the weights too: the module state
+        holds empty partitions."""
+        device = self.grad_buf_device.device
+        out = [{k: lay.gather_full(self.comm, buf, device) for k, buf in bufs.items()}
+               for bufs, lay in zip(home, self.layouts)]
+        if not self.masters:
+            for st, w, lay in zip(out, self.weights_device, self.layouts):
+                st[WEIGHT] = lay.gather_full(self.comm, w, device)
         return out
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore ``state_dict()``: masters, state and this rank's partitions of the weights."""
-        self.checkpoint_event_prologue()
-        super().load_state_dict(state_dict)
-        self.checkpoint_event_epilogue()
+    def shard_of(self, g: int, full: Tensor) -> Tensor:
+        """This rank's partitions of a whole group buffer."""
+        return self.layouts[g].shard_of(full)
 
-    def _load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
+    def load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
+        """This rank's partitions of group ``g`` from the checkpoint's masters (or fp32 weights)."""
         full = saved.get(MASTER if self.masters else WEIGHT)
         if full is None:
             raise ValueError(f"the checkpoint has no weights for group {g}: it was not saved at ZeRO stage 3 (a "
                              "stage-3 run keeps its weights in the optimizer state); resume it at the stage it was "
                              "saved at")
-        self._weights[g].copy_(self._layouts[g].shard_of(full).to(device=self.device, dtype=self.model_dtype))
+        w = self.weights_device[g]
+        w.copy_(self.layouts[g].shard_of(full).to(device=w.device, dtype=w.dtype))
 
-    def memory_report(self) -> dict[str, int]:
-        """As HiFTOptimizer's; weights are this rank's partitions plus DeepSpeed's persistent full copies."""
-        report = super().memory_report()
-        report["model_weights"] = sum(w.numel() * w.element_size() for w in self._weights) + sum(
-            p.ds_numel * p.element_size() for p in self._fetcher.persistent_parameters)
-        return report
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's partitions plus DeepSpeed's persistent full copies; the gradient buffer and shard."""
+        weights = sum(w.numel() * w.element_size() for w in self.weights_device) + sum(
+            p.ds_numel * p.element_size() for p in self.fetcher.persistent_parameters)
+        grads = sum(t.numel() * t.element_size() for t in (self.grad_buf_device, self.grad_shard_device))
+        return {"model_weights": weights, "gradients": grads}
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
@@ -355,7 +383,7 @@ def gathered_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
     return out
 
 
-def attach_to_engine(engine: Any, optimizer: HiFTZero3Optimizer, zero: dict) -> None:
+def attach_to_engine(engine: Any, optimizer: Any, zero: dict) -> None:
     """Route the engine's ``save_16bit_model`` through the gathered state dict (its engine runs at stage 0)."""
     import torch.distributed as dist
 
@@ -370,7 +398,7 @@ def attach_to_engine(engine: Any, optimizer: HiFTZero3Optimizer, zero: dict) -> 
         state = gathered_state_dict(engine.module)
         if state is not None:
             if exclude_frozen_parameters:  # frozen: parameters HiFT does not train (the user froze them)
-                trained = {id(p) for ps in optimizer._params for p in ps}
+                trained = {id(p) for g in range(optimizer.num_groups) for p in optimizer.group_params(g)}
                 frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if id(p) not in trained}
                 state = OrderedDict((k, v) for k, v in state.items() if k not in frozen)
             os.makedirs(save_dir, exist_ok=True)

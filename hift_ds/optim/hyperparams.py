@@ -1,4 +1,4 @@
-"""The optimizer a HiFT run uses: a built-in name or a torch class, and its validated options."""
+"""The optimizer a HiFT run uses: a built-in name or a torch class, its validated options, and where its state lives."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 
 from hift_ds import kernels
+
+OFFLOAD_DEVICES = ("auto", "none", "cpu")
 
 _BUILTIN_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd",
                     torch.optim.Adagrad: "adagrad"}
@@ -59,3 +61,14 @@ def builtin_hyper(name: str, kwargs: dict) -> dict:
     if name == "sgd" and hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
         raise ValueError("sgd nesterov=True needs momentum > 0 and dampening == 0")
     return hyper
+
+
+def resolve_offload(offload: str, device: torch.device, builtin: bool) -> str:
+    """The offload device ``"auto"`` stands for: "cpu" for a built-in optimizer on CUDA, else "none"."""
+    if offload not in OFFLOAD_DEVICES:
+        raise ValueError(f"offload device {offload!r} is not one of {OFFLOAD_DEVICES}")
+    if offload != "auto":
+        return offload
+    # Offload saves device memory only where the model is on an accelerator; on a CPU it would
+    # just copy between two host buffers. Optimizers other than the built-ins cannot offload.
+    return "cpu" if torch.device(device).type == "cuda" and builtin else "none"

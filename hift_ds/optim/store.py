@@ -42,7 +42,6 @@ class GroupStore:
         # The owner fills the masters (from its weights) once the buffers exist.
         self.kinds = ({MASTER: 0.0} if masters else {}) | dict(kinds)
         self.numels = list(numels)
-        self.allocations = 0  # counted so tests can prove nothing is allocated per step
         on_cuda = self.device.type == "cuda"
         self.pinned = offload and pin_memory and on_cuda and torch.cuda.is_available()
         home_device = torch.device("cpu") if offload else self.device
@@ -71,7 +70,6 @@ class GroupStore:
         self._d2h = torch.cuda.Stream(self.device) if cuda_copies else None
 
     def _alloc(self, n: int, device: torch.device, fill: float) -> Tensor:
-        self.allocations += 1
         pin = self.pinned and device.type == "cpu"
         return torch.full((n,), fill, dtype=torch.float32, device=device, pin_memory=pin)
 
