@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
     """The DeepSpeed config with CLI overrides applied and "auto" step counts filled in."""
     from hift_ds.config import load_ds_config
+    from hift_ds.deepspeed.engine import unsynchronize_throughput_timer
     from hift_ds.deepspeed.scheduler import warmup_held_at_start
 
     cfg = load_ds_config(args.deepspeed)
@@ -144,6 +145,9 @@ def build_config(args: argparse.Namespace, train_size: int, world: int) -> dict:
         if args.strategy is not None:
             cfg["hift"]["strategy"] = args.strategy
     else:
+        # What hift_ds.initialize does for a HiFT run (no device synchronize per step unless the config asks
+        # for timers), so that a baseline is not slowed by a timer the HiFT run does without.
+        unsynchronize_throughput_timer(cfg)
         if args.mode == "fpft":
             cfg.pop("hift", None)
             opt = cfg.get("optimizer", {})

@@ -4,7 +4,9 @@ HiFT owns what DeepSpeed would otherwise do for every parameter at once: mixed p
 masters per group instead of DeepSpeed's full fp32 copy), loss scaling, gradient clipping and the
 LR schedule (stepped once per cycle). The engine underneath runs ZeRO stage 0, so only the
 active group's gradients are all-reduced; at stages 1-3 HiFT shards them itself (stage 3: over the
-model partitioned by DeepSpeed's ZeRO-3 machinery, ``hift_ds.distributed.zero3``).
+model partitioned by DeepSpeed's ZeRO-3 machinery, ``hift_ds.distributed.zero3``). DeepSpeed's throughput timer runs
+unsynchronized unless the config asks for timers: a device synchronize each step would serialize the
+offload copies with compute (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -38,6 +40,33 @@ _DS_ONLY_PARAMS = ("torch_adam", "adam_w_mode", "fused")
 # whose environment DeepSpeed translates itself (AzureML, SageMaker).
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
                  "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
+# DeepSpeed's throughput timer, left to its defaults, synchronizes the device at every forward start and
+# after every step(): the next group's prefetch (and every other queued copy) must finish before the next
+# forward is even launched, so the offload copies cannot overlap compute. Unsynchronized it still reports
+# samples/s (host clock) every steps_per_print steps.
+UNSYNCHRONIZED_TIMERS = {"throughput": {"enabled": True, "synchronized": False}}
+_timer_note_logged = False
+
+
+def unsynchronize_throughput_timer(ds_config: dict) -> bool:
+    """Give a config that asks for no timers an unsynchronized throughput timer; whether it was changed.
+
+    A config with a "timers" block, or with "wall_clock_breakdown": true, asked for DeepSpeed's timing and keeps it.
+    """
+    if "timers" in ds_config or ds_config.get("wall_clock_breakdown"):
+        return False
+    ds_config["timers"] = copy.deepcopy(UNSYNCHRONIZED_TIMERS)
+    return True
+
+
+def _note_unsynchronized_timer() -> None:
+    global _timer_note_logged
+    if _timer_note_logged or int(os.environ.get("RANK", "0")) != 0:
+        return
+    _timer_note_logged = True
+    logger.info('HiFT: DeepSpeed\'s throughput timer runs unsynchronized ("timers": {"throughput": {"synchronized": '
+                'false}}): synchronized, it would wait for the offload copies at every step. To get it back, add '
+                '"timers": {"throughput": {"enabled": true, "synchronized": true}} to the DeepSpeed config')
 
 
 def optimizer_from_config(block: dict | None) -> tuple[str, dict]:
@@ -208,6 +237,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
         lr_scheduler = CycleLRScheduler(lr_scheduler(optimizer) if callable(lr_scheduler) and not hasattr(
             lr_scheduler, "step") else lr_scheduler, optimizer)
 
+    if unsynchronize_throughput_timer(ds_config):
+        _note_unsynchronized_timer()
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))
         args.deepspeed_config = None  # the edited dict below replaces the file
