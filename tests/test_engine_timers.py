@@ -128,3 +128,17 @@ def test_unsynchronize_leaves_the_users_timers_and_copies_nothing_shared():
     for kept in ({"timers": {}}, {"wall_clock_breakdown": True}):
         before = json.dumps(kept)
         assert not engine_module.unsynchronize_throughput_timer(kept) and json.dumps(kept) == before
+
+
+def test_the_benchmarks_deepspeed_setups_time_both_timers():
+    """benchmarks/offload.py --paired compares the engine path with DeepSpeed's synchronized timer and without."""
+    from hift_ds import setups
+
+    o = setups.Options(model="tiny", batch_size=2, seq_len=16)
+    names = ("ds-hift", "ds-hift-offload-synctimer", "ds-hift-offload")
+    built = {n: setups.build(n, o, setups.device()) for n in names}
+    assert [b.engine.tput_timer.config.synchronized for b in built.values()] == [False, True, False]
+    assert [b.optimizer.store.offload for b in built.values()] == [False, True, True]
+    assert all(b.optimizer.max_grad_norm == 1.0 for b in built.values())  # the shipped config's clipping
+    for b in built.values():
+        assert b.train_step(batch(0, seq=16)).isfinite()

@@ -10,6 +10,9 @@ token batches with one optimizer arrangement:
     hift-offload               offload with prefetch (two device slots, one copy stream per direction)
     hift-offload-triton        as hift-offload with the fused Triton update (CUDA)
     hift-offload-triton-1slot  as hift-offload-triton with one device slot (copy-out, then copy-in)
+    ds-hift / ds-hift-offload  HiFT through hift_ds.initialize (a DeepSpeed engine) from ds_configs/hift.json,
+                               state on the device / offloaded (two slots); its throughput timer unsynchronized
+    ds-hift-offload-synctimer  as ds-hift-offload with DeepSpeed's default synchronized throughput timer
     ds-zero2 / ds-zero2-offload  DeepSpeed ZeRO-2 (client torch AdamW / DeepSpeedCPUAdam on the CPU) (CUDA)
     badam / badam-50           the ``badam`` package's BlockOptimizer switching block every step / every
                                50 steps (its documented default); it discards a block's state at a switch
@@ -81,6 +84,7 @@ class Built:
     pinned_bytes: Callable[[], int] | None = None
     memory_report: Callable[[], dict] | None = None
     notes: list[str] = field(default_factory=list)
+    engine: Any = None  # the DeepSpeed engine of a set-up built through one
 
     def train_step(self, ids: Tensor) -> Tensor:
         """Forward, backward and optimizer step on ``ids``; the (detached) loss, left on the device."""
@@ -150,25 +154,64 @@ def _fpft(model: nn.Module, o: Options, device: torch.device) -> Built:
     return _plain(model, opt, device, forward, [note])
 
 
+def _hift_built(model: nn.Module, opt, device: torch.device, forward, backward, step, notes: list[str]) -> Built:
+    """A HiFT set-up's hooks (its memory figures from the optimizer's memory_report)."""
+    # Only the device-resident part is optimizer state on a GPU; without one the store is host memory too.
+    kinds = ("state_device",) if device.type == "cuda" else ("state_device", "state_host_pinned",
+                                                             "state_host_pageable")
+    return Built(model, forward, backward, step, opt, lambda: opt.memory_report()["gradients"],
+                 lambda: sum(opt.memory_report()[k] for k in kinds), lambda: opt.memory_report()["state_host_pinned"],
+                 opt.memory_report, notes)
+
+
+def _where(offload: str, slots: int, prefetch: bool = True) -> str:
+    return f"offload {offload}, {slots} slot(s), prefetch {'on' if prefetch else 'off'}" if offload != "none" \
+        else "state on the device"
+
+
 def _hift(offload: str, prefetch: bool = True, kernel: str = "torch", slots: int = 2):
     def build(model: nn.Module, o: Options, device: torch.device) -> Built:
         from hift_ds.optim.optimizer import HiFTOptimizer
 
         opt = HiFTOptimizer(model, "adamw", group_size=o.group_size, offload=offload, prefetch=prefetch,
                             offload_slots=slots, kernel=kernel, lr=o.lr, weight_decay=WEIGHT_DECAY)
-        # Only the device-resident part is optimizer state on a GPU; without one the store is host memory too.
-        kinds = ("state_device",) if device.type == "cuda" else ("state_device", "state_host_pinned",
-                                                                 "state_host_pageable")
 
         def step() -> None:
             opt.step()
             opt.zero_grad()
-        where = f"offload {offload}, {slots} slot(s), prefetch {'on' if prefetch else 'off'}" if offload != "none" \
-            else "state on the device"
-        return Built(model, lambda ids: model(input_ids=ids, labels=ids).loss, opt.backward, step, opt,
-                     lambda: opt.memory_report()["gradients"], lambda: sum(opt.memory_report()[k] for k in kinds),
-                     lambda: opt.memory_report()["state_host_pinned"], opt.memory_report,
-                     [f"{opt.num_groups} groups, {opt.backend} kernel, {where}"])
+        return _hift_built(model, opt, device, lambda ids: model(input_ids=ids, labels=ids).loss, opt.backward, step,
+                           [f"{opt.num_groups} groups, {opt.backend} kernel, {_where(offload, slots, prefetch)}"])
+    return build
+
+
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "hift.json"
+
+
+def _ds_hift(offload: bool, synchronized_timer: bool = False):
+    """HiFT through ``hift_ds.initialize`` (the DeepSpeed engine users train with) from the shipped
+    ds_configs/hift.json: its clipping (1.0) and schedule, sizes and dtype from the options."""
+    def build(model: nn.Module, o: Options, device: torch.device) -> Built:
+        import hift_ds
+
+        if not SHIPPED_CONFIG.is_file():
+            raise Skip(f"needs {SHIPPED_CONFIG} (ds_configs/ comes with a checkout, not with the package)")
+        cfg = json.loads(SHIPPED_CONFIG.read_text())
+        cfg.update(train_micro_batch_size_per_gpu=o.batch_size, gradient_accumulation_steps=1,
+                   bf16={"enabled": o.dtype == "bf16"}, fp16={"enabled": o.dtype == "fp16"})
+        cfg["optimizer"]["params"].update(lr=o.lr, weight_decay=WEIGHT_DECAY)
+        cfg["scheduler"]["params"].update(warmup_max_lr=o.lr, warmup_num_steps=10, total_num_steps=10 ** 6)
+        cfg["hift"].update(group_size=o.group_size)
+        cfg["hift"]["offload"]["device"] = "cpu" if offload else "none"
+        if synchronized_timer:  # DeepSpeed's default; hift_ds.initialize keeps it only when asked for
+            cfg["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+        engine, opt, _, _ = hift_ds.initialize(model=model, config=cfg)
+        timer = "synchronized" if engine.tput_timer.config.synchronized else "unsynchronized"
+        built = _hift_built(model, opt, device, lambda ids: engine(input_ids=ids, labels=ids).loss, engine.backward,
+                            engine.step, [f"DeepSpeed engine (hift_ds.initialize, {SHIPPED_CONFIG.name}), {timer} "
+                                          f"throughput timer, clipping {opt.max_grad_norm:g}; {opt.num_groups} groups, "
+                                          f"{opt.backend} kernel, {_where(opt.offload, len(opt.store.slots) or 2)}"])
+        built.engine = engine
+        return built
     return build
 
 
@@ -245,6 +288,9 @@ SETUPS: dict[str, Setup] = {
     "hift-offload": Setup(_hift("cpu")),
     "hift-offload-triton": Setup(_hift("cpu", kernel="triton"), needs_cuda=True),
     "hift-offload-triton-1slot": Setup(_hift("cpu", kernel="triton", slots=1), needs_cuda=True),
+    "ds-hift": Setup(_ds_hift(False), package="deepspeed"),
+    "ds-hift-offload": Setup(_ds_hift(True), package="deepspeed"),
+    "ds-hift-offload-synctimer": Setup(_ds_hift(True, synchronized_timer=True), package="deepspeed"),
     "ds-zero2": Setup(_ds_zero2(False), needs_cuda=True, package="deepspeed"),
     "ds-zero2-offload": Setup(_ds_zero2(True), needs_cuda=True, package="deepspeed"),
     "badam": Setup(_badam(1), package="badam"),
