@@ -14,13 +14,18 @@ of the side streams' copy time overlapping compute kernels. ``--headline`` adds 
 at 1x512 and at 4x512 with gradient checkpointing, every mode under ``--headline-cap-gib`` (24) but the
 resident hift-triton (which needs ~90 GiB and gives the compute time), and each step time against
 its lower bound max(compute time, bytes copied per step / measured pinned bandwidth per direction).
+
+``--paired A,B[,C]`` times set-ups in this one process instead (benchmarks/paired.py: two model copies,
+whole-cycle blocks in ABBA order, CUDA events per step, per-group paired differences, cycle ratios,
+lower bounds from a pinned-copy probe, allocator and page-fault counters, a separate traced run):
+
+    python benchmarks/offload.py --paired hift-triton,hift-offload-triton --blocks 2 --trace trace/
+    python benchmarks/offload.py --paired ds-hift,ds-hift-offload-synctimer,ds-hift-offload   # the engine path
+    python benchmarks/offload.py --model tiny --batch-size 2 --seq-len 32 --paired hift,hift-offload  # CPU rehearsal
 """
 from __future__ import annotations
 
 import argparse
-import bisect
-import gzip
-import json
 import statistics
 import sys
 import time
@@ -29,6 +34,9 @@ from pathlib import Path
 import torch
 
 import harness
+import paired
+from traces import format_overlap, overlap_summary  # noqa: F401 - offload.overlap_summary: the tests' name
+from traces import save_trace
 from hift_ds.profile import setups
 
 MODES = ["fpft", "hift", "hift-triton", "hift-offload-noprefetch", "hift-offload", "hift-offload-triton",
@@ -70,109 +78,6 @@ def format_targets(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ---- profiler trace: did the copies overlap compute? -------------------------------------------
-def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for s, e in sorted(intervals):
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-        else:
-            merged.append((s, e))
-    return merged
-
-
-def _covered(merged: list[tuple[float, float]], starts: list[float], s: float, e: float) -> float:
-    """Length of [s, e] covered by the sorted, disjoint ``merged`` intervals."""
-    i, total = max(bisect.bisect_right(starts, s) - 1, 0), 0.0
-    while i < len(merged) and merged[i][0] < e:
-        total += max(0.0, min(e, merged[i][1]) - max(s, merged[i][0]))
-        i += 1
-    return total
-
-
-def overlap_summary(events: list[dict]) -> dict:
-    """From chrome-trace events: H2D/D2H memcpy time per stream and how much overlapped kernels on other streams."""
-    kernels: dict[int, list[tuple[float, float]]] = {}
-    copies = []
-    for ev in events:
-        if ev.get("ph") != "X" or "dur" not in ev:
-            continue
-        cat, name = ev.get("cat", ""), ev.get("name", "")
-        stream = (ev.get("args") or {}).get("stream", ev.get("tid"))
-        span = (float(ev["ts"]), float(ev["ts"]) + float(ev["dur"]))
-        if cat == "kernel":
-            kernels.setdefault(stream, []).append(span)
-        elif cat == "gpu_memcpy" and ("HtoD" in name or "DtoH" in name):
-            copies.append((stream, "HtoD" if "HtoD" in name else "DtoH", span))
-    others: dict[int, tuple[list, list]] = {}
-    streams: dict[str, dict] = {}
-    for stream, direction, (s, e) in copies:
-        if stream not in others:
-            merged = _merge([iv for st, ivs in kernels.items() if st != stream for iv in ivs])
-            others[stream] = (merged, [m[0] for m in merged])
-        merged, starts = others[stream]
-        # A stream that runs no kernels is a copy (side) stream; copies on a compute stream cannot overlap it.
-        entry = streams.setdefault(str(stream), {"side_stream": stream not in kernels, "HtoD_ms": 0.0,
-                                                 "DtoH_ms": 0.0, "copies": 0, "memcpy_ms": 0.0, "overlapped_ms": 0.0})
-        entry["copies"] += 1
-        entry[f"{direction}_ms"] += (e - s) / 1e3
-        entry["memcpy_ms"] += (e - s) / 1e3
-        entry["overlapped_ms"] += _covered(merged, starts, s, e) / 1e3
-    side = [v for v in streams.values() if v["side_stream"]]
-    total = sum(v["memcpy_ms"] for v in side)
-    over = sum(v["overlapped_ms"] for v in side)
-    all_kernels = [iv for ivs in kernels.values() for iv in ivs]
-    gpu = all_kernels + [span for _, _, span in copies]
-    window_ms = (max(e for _, e in gpu) - min(s for s, _ in gpu)) / 1e3 if gpu else 0.0
-    busy_ms = sum(e - s for s, e in _merge(all_kernels)) / 1e3
-    return {"side_memcpy_ms": total, "side_overlapped_ms": over,
-            "side_overlap_fraction": over / total if total else None,
-            "kernel_ms": sum(e - s for s, e in all_kernels) / 1e3,
-            # Kernels run only this share of the window: the rest is the GPU waiting (for the CPU to launch,
-            # or for a copy), and copies there cannot overlap compute since none runs.
-            "gpu_window_ms": window_ms, "kernel_busy_ms": busy_ms,
-            "kernel_busy_fraction": busy_ms / window_ms if window_ms else None,
-            "host_blocking_calls": host_blocking_calls(events),
-            "compute_streams": sorted(str(s) for s in kernels), "streams": streams}
-
-
-def host_blocking_calls(events: list[dict], top: int = 6) -> dict[str, dict]:
-    """CUDA runtime calls that can hold the CPU (synchronizes, copies, waits): count and total ms, longest first."""
-    calls: dict[str, dict] = {}
-    for ev in events:
-        name = ev.get("name", "")
-        if ev.get("ph") != "X" or ev.get("cat") != "cuda_runtime" or not any(
-                w in name for w in ("Synchronize", "Memcpy", "Wait", "HostAlloc", "Malloc", "Free")):
-            continue
-        c = calls.setdefault(name, {"count": 0, "ms": 0.0})
-        c["count"] += 1
-        c["ms"] += float(ev.get("dur", 0.0)) / 1e3
-    return dict(sorted(calls.items(), key=lambda kv: -kv[1]["ms"])[:top])
-
-
-def format_overlap(summary: dict) -> str:
-    """The trace summary in words: side-stream copy time and the share that overlapped compute."""
-    if summary.get("skipped"):
-        return f"trace: skipped: {summary['skipped']}"
-    lines = [f"trace: {summary.get('path')}, {summary.get('steps')} steps of {TRACE_MODE}; kernels "
-             f"{summary['kernel_ms']:.1f} ms on streams {', '.join(summary['compute_streams']) or '-'}"]
-    for stream, v in summary["streams"].items():
-        lines.append(f"  stream {stream} ({'side' if v['side_stream'] else 'compute'}): {v['copies']} copies, "
-                     f"H2D {v['HtoD_ms']:.2f} ms, D2H {v['DtoH_ms']:.2f} ms, "
-                     f"overlapping kernels on other streams {v['overlapped_ms']:.2f} ms")
-    if summary.get("gpu_window_ms"):
-        lines.append(f"  kernels busy {summary['kernel_busy_ms']:.1f} of {summary['gpu_window_ms']:.1f} ms of the "
-                     f"GPU window ({100 * summary['kernel_busy_fraction']:.0f}%); host CUDA calls that can block: "
-                     + (", ".join(f"{n} {c['count']}x {c['ms']:.1f} ms"
-                                  for n, c in summary["host_blocking_calls"].items()) or "none"))
-    frac = summary["side_overlap_fraction"]
-    verdict = ("no side-stream copies found" if frac is None else
-               f"{summary['side_overlapped_ms']:.2f} of {summary['side_memcpy_ms']:.2f} ms "
-               f"({100 * frac:.0f}%) of side-stream copy time overlapped compute")
-    lines.append("  => " + verdict)
-    return "\n".join(lines)
-
-
 def trace(built: setups.Built, args: argparse.Namespace) -> dict:
     """Profile ``--trace-steps`` more steps (a window with a synchronize only at its ends); the overlap summary."""
     from torch.profiler import ProfilerActivity, profile
@@ -187,16 +92,9 @@ def trace(built: setups.Built, args: argparse.Namespace) -> dict:
             built.train_step(ids)
         torch.cuda.synchronize()
     path = Path(args.trace) / f"{TRACE_MODE}-{args.model}-{args.batch_size}x{args.seq_len}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    text = path.read_text()
-    path.unlink()
-    path = path.with_suffix(".json.gz")  # chrome://tracing and Perfetto open it as is
-    with gzip.open(path, "wt") as f:
-        f.write(text)
-    summary = overlap_summary(json.loads(text)["traceEvents"])
-    return {"path": str(path), "steps": args.trace_steps, "compute_ms_per_step": summary["kernel_ms"] / args.trace_steps,
-            **summary}
+    summary = overlap_summary(save_trace(prof, path))
+    return {"path": str(path.with_suffix(".json.gz")), "steps": args.trace_steps, "mode": TRACE_MODE,
+            "compute_ms_per_step": summary["kernel_ms"] / args.trace_steps, **summary}
 
 
 def offload_after(mode: str, built: setups.Built, args: argparse.Namespace) -> dict:
@@ -344,7 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--headline-cap-gib", type=float, default=24.0)
     ap.add_argument("--headline-batches", default="1,4", help="which headline batch sizes: 1 (seq 512), "
                     "4 (seq 512, gradient checkpointing), or both")
+    ap.add_argument("--paired", default=None, metavar="SETUPS", help="time these set-ups (comma-separated, the "
+                    "first is the baseline) in this one process, in ABBA blocks of whole cycles (see above); "
+                    "replaces --modes and the headline")
+    ap.add_argument("--blocks", type=int, default=2, help="--paired: whole-cycle blocks per set-up after the warm-up")
+    ap.add_argument("--probe-gib", type=float, default=1.0, help="--paired: GiB per direction of the pinned copy probe")
+    ap.add_argument("--trace-setup", default=None, help="--paired: the set-up of the traced run (default: the last "
+                    "that offloads)")
+    ap.add_argument("--trace-cpu-ops", action="store_true", help="--paired: the traced run records host operators "
+                    "too (more detail; can stretch a launch-bound step)")
     args = ap.parse_args(argv)
+    if args.paired:
+        return run_paired(args, sys.argv[1:] if argv is None else argv)
     worker = f"{Path(__file__).resolve()}:bench_worker"
     modes = [m for m in args.modes.split(",") if m]
     rows, checks, trace_summary = [], [], None
@@ -372,6 +281,35 @@ def main(argv: list[str] | None = None) -> int:
         harness.write_json(args.json, {"meta": harness.meta(args), "rows": rows, "targets": checks,
                                        "trace": trace_summary, "headline": head})
     return 0
+
+
+def run_paired(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--paired``: the set-ups timed in this process; the JSON keeps what was measured even if a set-up fails."""
+    import signal
+
+    names = [n for n in args.paired.split(",") if n]
+    bad = [n for n in names if n not in setups.SETUPS]
+    if bad or len(names) < 2:
+        raise SystemExit(f"--paired needs two or more of {', '.join(setups.SETUPS)}; got {args.paired!r}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout` stops us: still write the JSON
+    meta = harness.meta(args)
+    meta["command"] = " ".join([Path(__file__).name] + list(argv))  # the options this run parsed
+    result: dict = {}
+    rc = 0
+    try:
+        paired.measure(names, setups.Options.from_namespace(args), args.blocks, args.probe_gib, args.trace,
+                       args.trace_steps, args.trace_setup, command=meta["command"], result=result,
+                       log=lambda line: print(line, flush=True), trace_cpu_ops=args.trace_cpu_ops)
+        print(paired.format_targets(result["summary"]))
+    except Exception as exc:  # noqa: BLE001 - the rows measured so far are still written
+        status, error = setups.describe_failure(exc)
+        result["error"] = f"{status}: {error}"
+        print(f"paired: {result['error']}", flush=True)
+        rc = 0 if status == "skipped" else 1
+    finally:
+        if args.json:
+            harness.write_json(args.json, {"meta": meta, "paired": result})
+    return rc
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ def _load(name: str, path: Path):
     return module
 
 
-harness = _load("harness", BENCH / "harness.py")  # offload.py does `import harness`
+harness = _load("harness", BENCH / "harness.py")  # offload.py does `import harness` (and traces, paired)
+traces = _load("traces", BENCH / "traces.py")
+paired = _load("paired", BENCH / "paired.py")
 offload_bench = _load("bench_offload", BENCH / "offload.py")
 
 QUICK = ["--model", "tiny", "--steps", "2", "--warmup", "0", "--sync-steps", "1", "--batch-size", "2", "--seq-len", "32"]
@@ -217,6 +220,124 @@ def test_overlap_summary_counts_side_stream_copy_under_kernels():
     text = offload_bench.format_overlap({**blocked, "path": "x", "steps": 1})
     assert "overlapped compute" in text and "kernels busy 0.1 of 0.3 ms" in text
     assert "cudaStreamSynchronize 1x 2.0 ms" in text
+
+
+# ---- one-process paired timing (benchmarks/paired.py) -------------------------------------------
+def test_block_order_is_abba_so_a_linear_drift_falls_on_every_setup_alike():
+    assert paired.block_order(["A", "B"], 2) == ["A", "B", "B", "A"]
+    assert paired.block_order(["A", "B"], 3) == ["A", "B", "B", "A", "A", "B"]
+    assert paired.block_order(["A", "B"], 1) == ["A", "B"]
+    assert paired.block_order(["A", "B", "C"], 2) == ["A", "B", "C", "C", "B", "A"]
+    for names, blocks in ((["A", "B"], 2), (["A", "B"], 4), (["A", "B", "C"], 2), (["A", "B", "C"], 6)):
+        order = paired.block_order(names, blocks)
+        assert all(order.count(n) == blocks for n in names)
+        # Even rounds: every set-up's blocks sit at the same mean position, so a drift linear in time
+        # (clocks, heat) adds the same to each; a plain A B A B order would not.
+        means = {n: statistics.fmean(i for i, m in enumerate(order) if m == n) for n in names}
+        assert len(set(means.values())) == 1, (order, means)
+    plain = ["A", "B", "A", "B"]
+    assert statistics.fmean([0, 2]) != statistics.fmean([1, 3]) and paired.block_order(["A", "B"], 2) != plain
+
+
+def _block(groups: list[int], step_ms: list[float]) -> dict:
+    return {"groups": groups, "step_ms": step_ms, "cycle_ms": sum(step_ms)}
+
+
+def test_paired_differences_pair_by_group_and_the_cycle_ratio_by_block():
+    base = [_block([0, 1, 2], [10.0, 20.0, 30.0]), _block([0, 1, 2], [12.0, 22.0, 32.0])]
+    # The other set-up trains the groups in another order (random strategy): pairs follow the group, not the position.
+    other = [_block([2, 0, 1], [33.0, 10.0, 25.0]), _block([1, 2, 0], [27.0, 35.0, 14.0])]
+    assert paired.mean_by_group(base) == {0: 11.0, 1: 21.0, 2: 31.0}
+    diff = paired.paired_differences(base, other)
+    assert diff == pytest.approx({0: 1.0, 1: 5.0, 2: 3.0})
+    assert paired.paired_differences(base, [_block([1], [25.0])]) == pytest.approx({1: 4.0})  # groups in both only
+    r = paired.cycle_ratio([60.0, 66.0], [68.0, 76.0])
+    assert r["ratio"] == pytest.approx(144 / 126) and r["per_block"] == pytest.approx([68 / 60, 76 / 66])
+    assert r["min"] == pytest.approx(68 / 60) and r["max"] == pytest.approx(76 / 66)
+
+
+def test_copy_times_and_the_two_lower_bounds():
+    bw = {"h2d_gbps": 50.0, "d2h_gbps": 55.0, "h2d_both_gbps": 40.0, "d2h_both_gbps": 50.0}
+    # 2 GB home and 4 GB in: at once 4e9 / 40 GB/s = 100 ms (the slower direction); one after the other
+    # 2e9 / 55 + 4e9 / 50 = 36.4 + 80 ms.
+    assert paired.copy_ms(2e9, 4e9, bw, concurrent=True) == pytest.approx(100.0)
+    assert paired.copy_ms(2e9, 4e9, bw, concurrent=False) == pytest.approx(2e3 / 55 + 80.0)
+    assert paired.copy_ms(5e9, 1e9, bw, concurrent=True) == pytest.approx(100.0)  # the copy-out bounds here
+    sizes = [1e9, 2e9, 3e9]  # bytes per group
+    # Step s: the group before it goes home (step 0: the last group, of the previous cycle), its own comes in.
+    copies = paired.step_copies([0, 1, 2], sizes, bw, concurrent=True)
+    assert copies == pytest.approx([max(3e9 / 50e6, 1e9 / 40e6), max(1e9 / 50e6, 2e9 / 40e6),
+                                    max(2e9 / 50e6, 3e9 / 40e6)])
+    assert paired.step_copies([2, 0, 1], sizes, bw, True)[0] == pytest.approx(max(2e9 / 50e6, 3e9 / 40e6))
+    lb = paired.lower_bounds([50.0, 30.0, 100.0], [60.0, 40.0, 20.0])
+    assert lb["one_step_lead_ms"] == pytest.approx(60 + 40 + 100)  # every step hides only its own copies
+    assert lb["long_lead_ms"] == pytest.approx(180.0)  # max(sum compute 180, sum copy 120)
+    assert lb["steps_copy_bound"] == 2 and lb["one_step_lead_ms"] >= lb["long_lead_ms"]
+    assert paired.lower_bounds([10.0, 10.0], [30.0, 30.0])["long_lead_ms"] == 60.0  # copy-bound overall
+
+
+def test_counters_and_the_trace_check():
+    before = {"num_alloc_retries": 1, "num_device_free": 5, "other": 9}
+    after = {"num_alloc_retries": 1, "num_device_free": 8, "other": 20}
+    assert paired.counter_delta(before, after, ("num_alloc_retries", "num_device_free", "missing")) == {
+        "num_alloc_retries": 0, "num_device_free": 3}
+    assert paired.counter_delta(None, None, paired.MEMORY_KEYS) is None  # no CUDA: no figures, not zeros
+    ok = paired.trace_ratio({1: 10.5, 2: 21.0, 9: 99.0}, {1: 10.0, 2: 20.0, 3: 30.0})
+    assert ok["ratio"] == pytest.approx(31.5 / 30) and ok["groups"] == [1, 2] and ok["within"]
+    assert not paired.trace_ratio({1: 11.5}, {1: 10.0})["within"]  # 15% stretched
+    assert paired.trace_ratio({1: 9.05}, {1: 10.0})["within"]
+    assert paired.trace_ratio({5: 1.0}, {1: 1.0})["ratio"] is None
+
+
+def test_summary_pairs_every_setup_and_bounds_the_offloaded_one_by_the_resident_steps():
+    names = ["res", "off"]
+    blocks = {"res": [_block([0, 1, 2], [50.0, 30.0, 100.0]), _block([0, 1, 2], [50.0, 30.0, 100.0])],
+              "off": [_block([0, 1, 2], [62.0, 41.0, 101.0]), _block([0, 1, 2], [58.0, 39.0, 99.0])]}
+    info = {"res": {"offload": False}, "off": {"offload": True, "slots": 2, "group_bytes": [2e9, 2e9, 2e9]}}
+    bw = {"h2d_gbps": 50.0, "d2h_gbps": 50.0, "h2d_both_gbps": 50.0, "d2h_both_gbps": 50.0}  # 40 ms a group
+    s = paired.summarize(names, blocks, info, bw)
+    pair, = s["pairs"]
+    assert pair["base"] == "res" and pair["offload_vs_resident"] and pair["ratio"] == pytest.approx(200 / 180)
+    assert pair["group_diff_ms"] == pytest.approx({0: 10.0, 1: 10.0, 2: 0.0}) and pair["groups_slower"] == 2
+    b = s["bounds"]["off"]
+    assert b["compute_s_ms"] == pytest.approx([50.0, 30.0, 100.0]) and b["copy_s_ms"] == pytest.approx([40.0] * 3)
+    assert b["one_step_lead_ms"] == pytest.approx(50 + 40 + 100) and b["long_lead_ms"] == pytest.approx(180.0)
+    assert b["over_one_step_lead"] == pytest.approx(200 / 190) and b["over_long_lead"] == pytest.approx(200 / 180)
+    one_slot = paired.summarize(names, blocks, dict(info, off=dict(info["off"], slots=1)), bw)["bounds"]["off"]
+    assert one_slot["copy_s_ms"] == pytest.approx([80.0] * 3)  # one slot: copy-out, then copy-in
+    text = paired.format_report(s, paired.CPU_CLOCK)
+    assert "off / res: cycle 1.111x (blocks 1.089-1.133)" in text  # 204 / 180 and 196 / 180
+    assert "1 of 3 steps copy-bound" in text and "host wall clock" in text  # group 1: 30 ms compute, 40 copy
+    targets = paired.format_targets(s)
+    assert "FAIL  cycle off <= 1.05 x res: 1.111x" in targets and "FAIL  cycle off <= 1.1 x max" in targets
+    # Two resident set-ups (or an offloaded base) are compared, but are no target; no resident: no bounds.
+    both = paired.summarize(["a", "b"], {"a": blocks["res"], "b": blocks["res"]}, {"a": {}, "b": {}}, bw)
+    assert not both["pairs"][0]["offload_vs_resident"] and "x a" not in paired.format_targets(both)
+    assert paired.summarize(["off"], {"off": blocks["off"]}, {"off": info["off"]}, bw)["bounds"] == {}
+
+
+def test_paired_run_rehearses_the_protocol_on_cpu(tmp_path, capsys):
+    """offload.py --paired end to end (tiny model, CPU, host clock, labelled so): warm-up, ABBA blocks of whole
+    cycles, the report, the traced run and the JSON with the command."""
+    out = tmp_path / "paired.json"
+    rc = offload_bench.main(["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--paired", "hift,hift-offload",
+                             "--blocks", "2", "--probe-gib", "0.001", "--trace", str(tmp_path / "trace"),
+                             "--trace-steps", "2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    res = json.loads(out.read_text())["paired"]
+    assert res["clock"] == paired.CPU_CLOCK and "host wall clock (CPU run" in text
+    assert [b["position"] for n in ("hift", "hift-offload") for b in res["blocks"][n]] == [0, 3, 1, 2]  # A B B A
+    k = res["info"]["hift"]["num_groups"]
+    for n in ("hift", "hift-offload"):
+        for b in res["blocks"][n]:
+            assert b["groups"] == list(range(k)) and len(b["step_ms"]) == k and all(t > 0 for t in b["step_ms"])
+            assert b["losses_finite"] and b["memory"] is None  # no CUDA here: no allocator figures
+    assert res["info"]["hift-offload"]["offload"] and not res["info"]["hift"]["offload"]
+    assert "--paired hift,hift-offload" in res["command"] == res["info"]["hift"]["command"]
+    assert "hift-offload" in res["summary"]["bounds"] and res["trace"]["setup"] == "hift-offload"
+    assert res["trace"]["vs_untraced"]["groups"] == [1, 2] and list((tmp_path / "trace").glob("hift-offload-*.json.gz"))
+    assert "block 4/4 hift" in text and "traced run of hift-offload" in text and "targets" in text
 
 
 def test_isolated_run_reports_out_of_memory_skips_and_crashes_as_rows(tmp_path):
