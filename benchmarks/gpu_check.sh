@@ -12,7 +12,21 @@
 #   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=480)
 #   rehearsal:   TINY=1 bash benchmarks/gpu_check.sh /tmp/gpu_check    # tiny sizes, on a CPU too
 #
-# Stages run in the order STAGES gives (default "tests zero3 headline offload"; also: compare, kernels), each
+# STAGES=measure is the early call of issue 25 (one process per part, every set-up of a part in that one
+# process, ABBA blocks of whole cycles, CUDA events per step; benchmarks/paired.py), about 200 s in all:
+#   measure_1b.json         1.1B 4x512 bf16, bare optimizer: hift-triton vs hift-offload-triton (2 slots),
+#                           2 blocks each after a warm-up cycle, then a traced run of 6 steps
+#   measure_1b_engine.json  the same shape through hift_ds.initialize (ds_configs/hift.json): resident, offloaded
+#                           with DeepSpeed's synchronized throughput timer (its default), offloaded without (the fix)
+#   measure_7b.json         LLaMA-2-7B 1x512 uncapped (~90 + ~19 GiB, both on one H200): resident vs offloaded,
+#                           MEASURE_7B_BLOCKS blocks each (default 2; 1 if time is short), per-group compute and
+#                           copy times and the two lower bounds, a traced run of 3 steps
+#   device tool: run(command="STAGES=measure BUDGET=320 bash benchmarks/gpu_check.sh $OUT", carry=[".whl"],
+#                    timeout_s=350)
+#   rehearsal:   TINY=1 STAGES=measure bash benchmarks/gpu_check.sh /tmp/measure    # tiny model, CPU set-ups
+# Its output goes to the log and to stdout (the tail of a device call shows it).
+#
+# Stages run in the order STAGES gives (default "tests zero3 headline offload"; also: compare, kernels, measure), each
 # under its own time limit and the remaining BUDGET (seconds, 440 by default), so a slow stage costs the
 # later ones, not the whole call; a stage's failure does not stop the rest. HEADLINE_BATCHES picks the 7B
 # runs ("1", "4" = 4 x 512 with checkpointing, or "1,4"); OFFLOAD_MODES the 1.1B modes.
@@ -23,6 +37,10 @@ out=$(cd "$out" && pwd)
 log="$out/gpu_check.log"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's op builder: not 9.0a
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # the device machine has no network; nothing here downloads
+# This checkout's hift_ds, whatever else is installed: a script in benchmarks/ has benchmarks/ (not the root) first
+# on its path, and hift_ds.kernels now imports from the root, so the editable install below may not happen.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 budget=${BUDGET:-440}
 start=$SECONDS
 
@@ -35,6 +53,15 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, time 
   note "$name: start, limit ${limit}s: $*"
   timeout "$limit" "$@" >>"$log" 2>&1
   note "$name: exit status $? (124 = out of time)"
+}
+stage_shown() {  # as stage, with the output on stdout too (as it is measured)
+  local name=$1 limit=$2 left=$((budget - (SECONDS - start)))
+  shift 2
+  if [ "$left" -lt 20 ]; then note "$name: skipped, ${left}s of the budget left"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  note "$name: start, limit ${limit}s: $*"
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$log"
+  note "$name: exit status ${PIPESTATUS[0]} (124 = out of time)"
 }
 
 note "set-up"
@@ -52,10 +79,14 @@ if [ "${TINY:-0}" = 1 ]; then
   size=(--model tiny --batch-size 2 --seq-len 32)
   steps=(--steps 2 --warmup 1 --sync-steps 1)
   kernel_args=(--cpu-smoke)
+  size7=(--model tiny --batch-size 1 --seq-len 32)  # the 7B part's protocol, on the tiny model
+  pair=hift,hift-offload probe=(--probe-gib 0.01)  # set-ups a CPU runs (the Triton ones need CUDA)
 else  # 24 steps: one whole cycle of llama-1b's 24 groups (a step's cost depends on its group's depth)
   size=(--model llama-1b --batch-size 4 --seq-len 512)
   steps=(--steps 24 --warmup 3 --sync-steps 3)
   kernel_args=()
+  size7=(--model llama-7b --batch-size 1 --seq-len 512)
+  pair=hift-triton,hift-offload-triton probe=(--probe-gib 1)
 fi
 
 for s in ${STAGES:-tests zero3 headline offload}; do
@@ -70,7 +101,15 @@ for s in ${STAGES:-tests zero3 headline offload}; do
     compare) stage "compare" 150 python3 benchmarks/compare.py "${size[@]}" "${steps[@]}" \
       --modes fpft,badam,badam-50,torchao-offload,torchao-offload-grads,hift-offload-triton --json "$out/compare.json" ;;
     kernels) stage "kernels" 60 python3 benchmarks/update_kernels.py "${kernel_args[@]}" --json "$out/kernels.json" ;;
-    *) note "unknown stage $s (tests headline offload compare kernels zero3)" ;;
+    measure)
+      stage_shown "measure 1.1B bare" 75 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" --paired "$pair" \
+        --blocks "${MEASURE_BLOCKS:-2}" --trace "$out/trace" --trace-steps 6 --json "$out/measure_1b.json"
+      stage_shown "measure 1.1B engine" 75 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" \
+        --paired ds-hift,ds-hift-offload-synctimer,ds-hift-offload --blocks "${MEASURE_BLOCKS:-2}" \
+        --trace "$out/trace" --trace-steps 4 --json "$out/measure_1b_engine.json"
+      stage_shown "measure 7B" 180 python3 benchmarks/offload.py "${size7[@]}" "${probe[@]}" --paired "$pair" \
+        --blocks "${MEASURE_7B_BLOCKS:-2}" --trace "$out/trace" --trace-steps 3 --json "$out/measure_7b.json" ;;
+    *) note "unknown stage $s (tests headline offload compare kernels zero3 measure)" ;;
   esac
 done
 note "done"

@@ -204,8 +204,13 @@ def _memory_stats(dev: torch.device) -> dict | None:
 
 
 def _host_stats(dev: torch.device) -> dict | None:
-    stats = getattr(torch.cuda, "host_memory_stats", None)
-    return stats() if dev.type == "cuda" and stats is not None else None
+    stats = getattr(torch.cuda, "host_memory_stats", None)  # pinned allocations; not in every torch
+    if dev.type != "cuda" or stats is None:
+        return None
+    try:
+        return dict(stats())
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def _faults() -> tuple[int, int]:
@@ -374,9 +379,9 @@ def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, tra
         built[n] = setups.build(n, o, dev)
         info[n] = _info(n, built[n]) | {"build_s": time.perf_counter() - t0, "command": command}
         if dev.type == "cuda":
-            info[n]["resident_gib"] = (torch.cuda.memory_allocated(dev) - before) / 2 ** 30
+            info[n]["device_gib"] = (torch.cuda.memory_allocated(dev) - before) / 2 ** 30
         log(f"  built {n}: {'; '.join(info[n]['notes'])} ({info[n]['build_s']:.1f} s"
-            + (f", {info[n]['resident_gib']:.2f} GiB on the device" if "resident_gib" in info[n] else "") + ")")
+            + (f", {info[n]['device_gib']:.2f} GiB on the device" if "device_gib" in info[n] else "") + ")")
     result["info"] = info
     ks = {info[n]["num_groups"] for n in names if info[n]["num_groups"]}
     if len(ks) != 1:

@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,45 @@ def test_summary_pairs_every_setup_and_bounds_the_offloaded_one_by_the_resident_
     both = paired.summarize(["a", "b"], {"a": blocks["res"], "b": blocks["res"]}, {"a": {}, "b": {}}, bw)
     assert not both["pairs"][0]["offload_vs_resident"] and "x a" not in paired.format_targets(both)
     assert paired.summarize(["off"], {"off": blocks["off"]}, {"off": info["off"]}, bw)["bounds"] == {}
+
+
+def test_block_timing_on_cuda_reads_events_recorded_before_each_step(monkeypatch):
+    """run_block's CUDA branch on a stand-in device: one event before each step and one after the last, on the
+    current stream; one synchronize, after the last step; allocator counters over the block."""
+    clock = {"t": 0.0, "syncs": 0, "stats": {"num_alloc_retries": 2, "num_device_free": 7}}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    class Optimizer:
+        active_group = 0
+
+    def train_step(ids):
+        clock["t"] += 10.0 * (opt.active_group + 1)  # group g's step takes 10 (g + 1) ms on the stream
+        assert clock["syncs"] == 1  # only the one before the block so far
+        opt.active_group = (opt.active_group + 1) % 3
+        clock["stats"] = dict(clock["stats"], num_device_free=clock["stats"]["num_device_free"] + 1)
+        return torch.ones(())
+
+    opt = Optimizer()
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: clock.__setitem__("syncs", clock["syncs"] + 1))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda dev=None: clock["stats"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: 3 * 2 ** 30)
+    monkeypatch.setattr(paired, "_host_stats", lambda dev: None)
+    built = types.SimpleNamespace(optimizer=opt, train_step=train_step)
+    rec = paired.run_block(built, [None] * 4, torch.device("cuda"))
+    assert rec["groups"] == [0, 1, 2, 0] and rec["step_ms"] == [10.0, 20.0, 30.0, 10.0] and rec["cycle_ms"] == 70.0
+    assert clock["syncs"] == 2 and rec["memory"] == {"num_alloc_retries": 0, "num_device_free": 4}
+    assert rec["peak_alloc_gib"] == 3.0 and rec["losses_finite"]
 
 
 def test_paired_run_rehearses_the_protocol_on_cpu(tmp_path, capsys):
