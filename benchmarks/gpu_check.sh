@@ -21,8 +21,8 @@
 #   measure_7b.json         LLaMA-2-7B 1x512 uncapped (~90 + ~19 GiB, both on one H200): resident vs offloaded,
 #                           MEASURE_7B_BLOCKS blocks each (default 2; 1 if time is short), per-group compute and
 #                           copy times and the two lower bounds, a traced run of 3 steps
-#   device tool: run(command="STAGES=measure BUDGET=320 bash benchmarks/gpu_check.sh $OUT", carry=[".whl"],
-#                    timeout_s=350)
+#   device tool: run(command="STAGES=measure BUDGET=330 bash benchmarks/gpu_check.sh $OUT", carry=[".whl"],
+#                    timeout_s=360)     (part limits 75 + 90 + 180 s, capped by what is left of BUDGET)
 #   rehearsal:   TINY=1 STAGES=measure bash benchmarks/gpu_check.sh /tmp/measure    # tiny model, CPU set-ups
 # Its output goes to the log and to stdout (the tail of a device call shows it).
 #
@@ -54,13 +54,13 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, time 
   timeout "$limit" "$@" >>"$log" 2>&1
   note "$name: exit status $? (124 = out of time)"
 }
-stage_shown() {  # as stage, with the output on stdout too (as it is measured)
+stage_shown() {  # as stage, with the output on stdout too (as it is measured; library log lines only in the log)
   local name=$1 limit=$2 left=$((budget - (SECONDS - start)))
   shift 2
   if [ "$left" -lt 20 ]; then note "$name: skipped, ${left}s of the budget left"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   note "$name: start, limit ${limit}s: $*"
-  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log" | grep --line-buffered -v -E '^(USDT:|\[20[0-9][0-9]-)' 
   note "$name: exit status ${PIPESTATUS[0]} (124 = out of time)"
 }
 
@@ -104,7 +104,7 @@ for s in ${STAGES:-tests zero3 headline offload}; do
     measure)
       stage_shown "measure 1.1B bare" 75 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" --paired "$pair" \
         --blocks "${MEASURE_BLOCKS:-2}" --trace "$out/trace" --trace-steps 6 --json "$out/measure_1b.json"
-      stage_shown "measure 1.1B engine" 75 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" \
+      stage_shown "measure 1.1B engine" 90 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" \
         --paired ds-hift,ds-hift-offload-synctimer,ds-hift-offload --blocks "${MEASURE_BLOCKS:-2}" \
         --trace "$out/trace" --trace-steps 4 --json "$out/measure_1b_engine.json"
       stage_shown "measure 7B" 180 python3 benchmarks/offload.py "${size7[@]}" "${probe[@]}" --paired "$pair" \
