@@ -1,7 +1,7 @@
 """One-process paired timing of training set-ups (``offload.py --paired``; issue 25).
 
 Timing across processes is noisier than the gaps chased here (the same fpft set-up measured 99.6,
-83.7 and 75.1 ms/step in three processes of one H200 call). So every set-up named (``hift_ds.setups``:
+83.7 and 75.1 ms/step in three processes of one H200 call). So every set-up named (``hift_ds.profile.setups``:
 e.g. hift-triton and hift-offload-triton, or the DeepSpeed engine set-ups ds-hift,
 ds-hift-offload-synctimer, ds-hift-offload) is built in this one process on its own copy of the model
 (same seed, same weights, uncapped unless --max-memory-gib) and trained on the same batches:
@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from hift_ds import setups
-from hift_ds.setups import Built, Options
+from hift_ds.profile import setups
+from hift_ds.profile.setups import Built, Options
 
 # torch.cuda.memory_stats counters whose change over a block says the allocator did work it should not
 # in steady state (retries after a failed cudaMalloc, device frees, new segments).
@@ -360,7 +360,7 @@ def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, tra
             log: Callable[[str], None] = print, trace_cpu_ops: bool = False) -> dict:
     """Build every set-up here, time them in ABBA blocks of whole cycles, trace one; the result, filled into
     ``result`` as it is measured, and printed as measured (a run cut short keeps what it printed)."""
-    from hift_ds.presets import random_batch
+    from hift_ds.profile.presets import random_batch
 
     dev = setups.device()
     clock = CUDA_CLOCK if dev.type == "cuda" else CPU_CLOCK

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import hift_ds
-from hift_ds import engine as engine_module
+from hift_ds.deepspeed import engine as engine_module
 
 from conftest import batch, tiny_llama
 
@@ -58,7 +58,7 @@ def shipped_engine(path: str, **extra):
 def trainer_engine(path: str):
     """The engine hift_ds.initialize builds from a shipped Trainer config, its "auto" values filled in as the
     Trainer fills them (and the optimizer block hf_deepspeed adds)."""
-    from hift_ds.hf_deepspeed import add_optimizer_block
+    from hift_ds.hf.deepspeed import add_optimizer_block
 
     cfg = json.load(open(path))
     cfg.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, train_batch_size=2,
@@ -99,7 +99,7 @@ def test_every_shipped_config_builds_an_engine_that_never_synchronizes(path, syn
                                    {"wall_clock_breakdown": True}], ids=["synchronized", "defaults", "breakdown"])
 def test_a_config_that_asks_for_timers_keeps_deepspeeds(extra, syncs, caplog, monkeypatch):
     monkeypatch.setattr(engine_module, "_timer_note_logged", False)
-    with caplog.at_level("INFO", logger="hift_ds.engine"):
+    with caplog.at_level("INFO", logger="hift_ds.deepspeed.engine"):
         engine = shipped_engine(os.path.join(ROOT, "ds_configs", "hift.json"), **extra)
     assert engine.tput_timer.config.enabled and engine.tput_timer.config.synchronized
     assert engine.wall_clock_breakdown() == bool(extra.get("wall_clock_breakdown"))
@@ -111,7 +111,7 @@ def test_a_config_that_asks_for_timers_keeps_deepspeeds(extra, syncs, caplog, mo
 
 def test_the_change_is_logged_once_with_the_way_back(caplog, monkeypatch):
     monkeypatch.setattr(engine_module, "_timer_note_logged", False)
-    with caplog.at_level("INFO", logger="hift_ds.engine"):
+    with caplog.at_level("INFO", logger="hift_ds.deepspeed.engine"):
         for _ in range(2):
             engine = shipped_engine(os.path.join(ROOT, "ds_configs", "hift.json"))
     assert not engine.tput_timer.config.synchronized
@@ -132,7 +132,7 @@ def test_unsynchronize_leaves_the_users_timers_and_copies_nothing_shared():
 
 def test_the_benchmarks_deepspeed_setups_time_both_timers():
     """benchmarks/offload.py --paired compares the engine path with DeepSpeed's synchronized timer and without."""
-    from hift_ds import setups
+    from hift_ds.profile import setups
 
     o = setups.Options(model="tiny", batch_size=2, seq_len=16)
     names = ("ds-hift", "ds-hift-offload-synctimer", "ds-hift-offload")

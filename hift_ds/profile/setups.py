@@ -184,7 +184,7 @@ def _hift(offload: str, prefetch: bool = True, kernel: str = "torch", slots: int
     return build
 
 
-SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "hift.json"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "hift.json"
 
 
 def _ds_hift(offload: bool, synchronized_timer: bool = False):
