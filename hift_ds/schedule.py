@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 STRATEGIES = ("bottom2up", "top2down", "random")
+# DeepSpeed schedules that hold warmup_min_lr for iterations -1 and 0.
+DEEPSPEED_WARMUP_SCHEDULES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+def check_strategy(strategy: str) -> str:
+    """``strategy`` if it is one of STRATEGIES; the one message for an unknown order, wherever it is given."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown HiFT strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    return strategy
 
 
 class GroupSchedule:
     """Order in which the ``num_groups`` groups are trained, one group per optimizer step."""
 
     def __init__(self, num_groups: int, strategy: str = "bottom2up", seed: int = 0, steps_done: int = 0):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown HiFT strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-        if num_groups < 1:
+        check_strategy(strategy)
+        if num_groups < 1:  # computed from the units, never given by a user: a programming error
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self.num_groups = num_groups
         self.strategy = strategy
@@ -96,6 +105,40 @@ class GroupSchedule:
 def steps_to_cycles(steps: int, num_groups: int) -> int:
     """A length written in optimizer steps as HiFT cycles of ``num_groups`` steps (ceil; 0 and negatives kept)."""
     return max(1, math.ceil(steps / num_groups)) if steps > 0 else steps
+
+
+class WarmupShift(NamedTuple):
+    """Where a warm-up schedule is placed so that no step (no HiFT cycle) trains at its floor LR.
+
+    ``steps_in``: the iteration the first update trains at (0: the schedule is left where it is built;
+    1: it is stepped once before training, ``scheduler.step(1)`` for DeepSpeed's, one ``step()`` for
+    the Trainer's). ``extra``: iterations added to the schedule's total length (``total_num_steps``,
+    ``num_training_steps``), so that the last update still trains above the floor.
+    """
+
+    steps_in: int
+    extra: int
+
+
+def deepspeed_warmup_shift(block: dict | None) -> WarmupShift:
+    """The shift a DeepSpeed ``"scheduler"`` block needs (in iterations: cycles under HiFT, steps otherwise)."""
+    # DeepSpeed's warm-up schedules give warmup_min_lr (often 0) to iterations -1 and 0: two steps of
+    # plain DeepSpeed, two whole cycles (every group's first two updates) under HiFT. Starting one
+    # iteration in, the last update sits at iteration total - 1 (decay: above 0), or total - 2 for
+    # the cosine, whose progress reaches 1 (its floor) one iteration earlier. A config that places
+    # the schedule itself (last_batch_iteration) is left where it says.
+    block = block or {}
+    kind, params = block.get("type"), block.get("params") or {}
+    if kind not in DEEPSPEED_WARMUP_SCHEDULES or params.get("last_batch_iteration", -1) != -1:
+        return WarmupShift(0, 0)
+    return WarmupShift(1, 2 if kind == "WarmupCosineLR" else 1)
+
+
+def trainer_warmup_shift(num_warmup_steps: int) -> WarmupShift:
+    """The shift a Trainer schedule (transformers.get_scheduler) with ``num_warmup_steps`` of warm-up needs."""
+    # Its warm-up gives step 0 LR 0: one wasted step for the Trainer, a whole cycle under HiFT. Its
+    # decays reach their floor at num_training_steps itself, so one more step keeps the last above it.
+    return WarmupShift(1, 1) if num_warmup_steps > 0 else WarmupShift(0, 0)
 
 
 def lr_cycle_scheduler(scheduler, optimizer) -> "CycleLRScheduler":

@@ -12,12 +12,11 @@ import math
 import os
 from typing import Any
 
-from hift_ds.schedule import steps_to_cycles
+from hift_ds.schedule import DEEPSPEED_WARMUP_SCHEDULES, deepspeed_warmup_shift, steps_to_cycles
 
 logger = logging.getLogger(__name__)
 
-# DeepSpeed schedules that hold warmup_min_lr for iterations -1 and 0.
-WARMUP_SCHEDULES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+WARMUP_SCHEDULES = DEEPSPEED_WARMUP_SCHEDULES
 # Scheduler parameters counted in optimizer steps, which HiFT converts to cycles.
 STEP_PARAMS = ("warmup_num_steps", "total_num_steps", "cycle_first_step_size", "cycle_second_step_size",
                "decay_step_size", "lr_range_test_step_size")
@@ -26,9 +25,32 @@ _PEAK_TOLERANCE = 0.01
 
 
 def warmup_held_at_start(block: dict | None) -> bool:
-    """Whether a DeepSpeed "scheduler" block is a warm-up schedule left to hold warmup_min_lr for iterations -1 and 0."""
-    block = block or {}
-    return block.get("type") in WARMUP_SCHEDULES and (block.get("params") or {}).get("last_batch_iteration", -1) == -1
+    """Whether a DeepSpeed "scheduler" block is a warm-up schedule that starts one iteration in."""
+    return deepspeed_warmup_shift(block).steps_in > 0  # kept for callers not yet on deepspeed_warmup_shift
+
+
+def check_scheduler_block(block: Any) -> dict | None:
+    """The "scheduler" block if DeepSpeed has its type and its step counts are integers; else a ValueError."""
+    if block is None:
+        return None
+    from deepspeed.runtime import lr_schedules
+
+    if not isinstance(block, dict):
+        raise ValueError(f'the "scheduler" config block must be a JSON object, got {type(block).__name__}')
+    kind = block.get("type")
+    if getattr(lr_schedules, str(kind), None) is None or kind not in lr_schedules.VALID_LR_SCHEDULES:
+        raise ValueError(f"scheduler type {kind!r} is not one of DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES}")
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f'scheduler.params must be a JSON object, got {type(params).__name__}')
+    for key in STEP_PARAMS:
+        value = params.get(key)
+        if value == "auto":
+            raise ValueError(f"scheduler.params.{key} is \"auto\", which only launch/train.py fills in (from the "
+                             "data size and epochs); set it to a number of optimizer steps")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"scheduler.params.{key} must be an integer number of optimizer steps, got {value!r}")
+    return block
 
 
 def _cycles(n: int) -> str:
@@ -38,7 +60,7 @@ def _cycles(n: int) -> str:
 def convert_steps_to_cycles(kind: str | None, params: dict, num_groups: int) -> tuple[dict, dict[str, str]]:
     """Step counts converted to cycles, and per converted key how the number came about, in words.
 
-    A warm-up schedule (``kind`` in WARMUP_SCHEDULES, placed by HiFT) gets extra cycles in
+    A warm-up schedule placed by HiFT (``deepspeed_warmup_shift``) gets extra cycles in
     ``total_num_steps``: it starts one iteration in, so that no cycle trains at warmup_min_lr,
     and its last cycle must still be above the floor.
     """
@@ -53,10 +75,8 @@ def convert_steps_to_cycles(kind: str | None, params: dict, num_groups: int) -> 
         # A run shorter than its warm-up in cycles: keep DeepSpeed's invariant warmup < total.
         out["total_num_steps"] = warm + 1
         how["total_num_steps"] += f", raised to {warm + 1} to stay above the {_cycles(warm)} of warm-up"
-    if kind in WARMUP_SCHEDULES and params.get("last_batch_iteration", -1) == -1 and isinstance(total, int):
-        # With the one-iteration shift the run's last cycle sits at iteration total - 1 (decay:
-        # above 0), or total - 2 for the cosine, whose progress reaches 1 (its floor) one earlier.
-        extra = 2 if kind == "WarmupCosineLR" else 1
+    extra = deepspeed_warmup_shift({"type": kind, "params": params}).extra
+    if extra and isinstance(total, int):
         out["total_num_steps"] += extra
         how["total_num_steps"] += (f", + {extra} so that neither the first cycle (HiFT starts the schedule one "
                                    f"iteration in, past warmup_min_lr) nor the last trains at the schedule's "
@@ -68,18 +88,10 @@ def scheduler_from_config(block: dict, optimizer: Any):
     """The DeepSpeed LR scheduler of a ``"scheduler"`` block, with its step counts in cycles."""
     from deepspeed.runtime import lr_schedules
 
+    check_scheduler_block(block)  # hift_ds.initialize's plan has checked it already; a direct caller has not
     kind = block.get("type")
-    cls = getattr(lr_schedules, str(kind), None)
-    if cls is None or kind not in lr_schedules.VALID_LR_SCHEDULES:
-        raise ValueError(f"scheduler type {kind!r} is not one of DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES}")
+    cls = getattr(lr_schedules, kind)
     params = block.get("params") or {}
-    for key in STEP_PARAMS:
-        value = params.get(key)
-        if value == "auto":
-            raise ValueError(f"scheduler.params.{key} is \"auto\", which only launch/train.py fills in (from the "
-                             "data size and epochs); set it to a number of optimizer steps")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"scheduler.params.{key} must be an integer number of optimizer steps, got {value!r}")
     k = optimizer.num_groups
     converted, how = convert_steps_to_cycles(kind, params, k)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -87,15 +99,12 @@ def scheduler_from_config(block: dict, optimizer: Any):
         logger.info("HiFT: the %s schedule moves once per cycle of %d optimizer steps (one per group), so its step "
                     "counts are converted to cycles: %s", kind, k, "; ".join(f"{key}: {text}" for key, text in
                                                                               how.items()))
-    # A config that places the schedule itself (last_batch_iteration) is left where it says.
-    shift = kind in WARMUP_SCHEDULES and params.get("last_batch_iteration", -1) == -1
+    shift = deepspeed_warmup_shift(block)
     # Built at iteration -1, DeepSpeed would set (and warn about) an LR no cycle trains at.
-    scheduler = cls(optimizer, **converted, **({"last_batch_iteration": 0} if shift else {}))
-    if shift:
-        # DeepSpeed's warm-up schedules give warmup_min_lr (often 0) to iterations -1 and 0: two
-        # steps of plain DeepSpeed, but two whole cycles, every group's first two updates, under
-        # HiFT. Cycle c trains at iteration c + 1 instead.
-        scheduler.step(1)
+    scheduler = cls(optimizer, **converted, **({"last_batch_iteration": shift.steps_in - 1} if shift.steps_in else {}))
+    if shift.steps_in:
+        # Cycle c trains at iteration c + 1: no cycle (every group's first update) at warmup_min_lr.
+        scheduler.step(shift.steps_in)
         if rank0:
             _warn_if_short(kind, scheduler, params.get("total_num_steps"), k)
     return scheduler

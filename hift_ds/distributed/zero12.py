@@ -7,7 +7,7 @@ uses buckets of about ``reduce_bucket_size`` elements and reduce-scatters each b
 backward has produced all of its gradients, overlapping the rest of backward. Results equal
 stage 0/1 up to the order in which a collective adds the ranks' values (bit-exact at 2 ranks).
 
-Per optimizer step (DESIGN §2) the traffic of rank-local buffers is:
+Per optimizer step (docs/architecture.md, "Data parallel and ZeRO-1/2") the rank-local traffic is:
 
     reduce_scatter  padded_numel(active group) * grad element size
     all_gather      padded_numel(active group) * weight element size

@@ -1,10 +1,10 @@
 """The Trainer's LR schedule (lr_scheduler_type, warm-up, max_steps) written in HiFT cycles.
 
 The Trainer steps its scheduler after every optimizer step; HiFT's LR moves once per cycle of k
-steps (DESIGN §2). The schedule is therefore built with its lengths converted to cycles and
-wrapped in a ``CycleLRScheduler``; ``get_last_lr`` reports the LR the last optimizer step trained
-with, which is what the Trainer logs as ``learning_rate`` (under DeepSpeed it asks only after the
-engine has already stepped the scheduler).
+steps (docs/architecture.md, "LR schedule"). The schedule is therefore built with its lengths
+converted to cycles and wrapped in a ``CycleLRScheduler``; ``get_last_lr`` reports the LR the last
+optimizer step trained with, which is what the Trainer logs as ``learning_rate`` (under DeepSpeed
+it asks only after the engine has already stepped the scheduler).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import weakref
 
 from hift_ds.hf.checks import option_value
 from hift_ds.optim.optimizer import HiFTOptimizer
-from hift_ds.schedule import CycleLRScheduler, steps_to_cycles
+from hift_ds.schedule import CycleLRScheduler, steps_to_cycles, trainer_warmup_shift
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +57,17 @@ def trainer_schedule_in_cycles(args, optimizer: HiFTOptimizer, num_training_step
     for key in STEP_KWARGS:
         if isinstance(kwargs.get(key), int):
             kwargs[key] = steps_to_cycles(kwargs[key], k)
-    # The warm-up schedules give step 0 LR 0: one wasted step for the Trainer, a whole cycle (every
-    # group's first update) under HiFT. Cycle c trains at the schedule's step c + 1 instead, one more
-    # step in total keeps the last cycle above 0: what hift_ds.initialize does for DeepSpeed's.
-    shift = 1 if warmup > 0 else 0
+    # Cycle c trains at the schedule's step c + 1, not at the warm-up's LR 0 (trainer_warmup_shift).
+    shift = trainer_warmup_shift(warmup)
     inner = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
-                          num_training_steps=total + shift, scheduler_specific_kwargs=kwargs)
-    if shift:
-        with warnings.catch_warnings():  # torch warns that the optimizer has not stepped yet: intended
-            warnings.simplefilter("ignore")
+                          num_training_steps=total + shift.extra, scheduler_specific_kwargs=kwargs)
+    with warnings.catch_warnings():  # torch warns that the optimizer has not stepped yet: intended
+        warnings.simplefilter("ignore")
+        for _ in range(shift.steps_in):
             inner.step()
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("HiFT: %s LR schedule advances once per cycle of %d steps: %d steps -> %d cycles, warm-up "
                     "%d steps -> %d cycles%s", option_value(args.lr_scheduler_type), k,
                     num_training_steps, total, warmup_steps, warmup,
-                    " (cycle c trains at the schedule's step c + 1)" if shift else "")
+                    " (cycle c trains at the schedule's step c + 1)" if shift.steps_in else "")
     return TrainerCycleLRScheduler(inner, optimizer)
