@@ -1,4 +1,9 @@
-"""The ``"hift"`` block of a DeepSpeed JSON config, validated with pydantic as DeepSpeed does."""
+"""The ``"hift"`` block of a DeepSpeed JSON config, validated with pydantic as DeepSpeed does.
+
+The one place HiFT's settings are checked: ``parse_hift_config`` for the block (hift_ds.initialize,
+the Trainer's ``hift=``, launch/train.py), ``hift_settings`` for HiFTOptimizer's keyword arguments,
+so the same mistake gets the same message whichever way it came in.
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +12,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from hift_ds.schedule import STRATEGIES
+from hift_ds.schedule import check_strategy
+
+# ZeRO stages a DeepSpeed config may name; which of them an entry point supports is its own rule.
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 class OffloadConfig(BaseModel):
@@ -36,9 +44,7 @@ class HiFTConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; use one of {', '.join(STRATEGIES)}")
-        return v
+        return check_strategy(v)
 
     @field_validator("group_size", "num_groups")
     @classmethod
@@ -58,11 +64,15 @@ class HiFTConfig(BaseModel):
         kw = dict(strategy=self.strategy, seed=self.seed, units=self.units, offload=self.offload.device,
                   pin_memory=self.offload.pin_memory, prefetch=self.offload.prefetch,
                   offload_slots=self.offload.slots, kernel=self.kernel)
-        if self.num_groups is not None:
-            kw["num_groups"] = self.num_groups
-        else:
-            kw["group_size"] = self.group_size or 1
+        group_size, num_groups = self.grouping()
+        kw.update({"num_groups": num_groups} if num_groups is not None else {"group_size": group_size})
         return kw
+
+    def grouping(self) -> tuple[int | None, int | None]:
+        """(group_size, num_groups) for ``units.group_units``: exactly one is set (group_size 1 by default)."""
+        if self.num_groups is not None:
+            return None, self.num_groups
+        return self.group_size or 1, None
 
 
 def parse_hift_config(block: Any) -> HiFTConfig:
@@ -74,13 +84,36 @@ def parse_hift_config(block: Any) -> HiFTConfig:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "hift"
+            where = ".".join(str(x) for x in err["loc"])
             if err["type"] == "extra_forbidden":
                 model = OffloadConfig if err["loc"][0] == "offload" and len(err["loc"]) > 1 else HiFTConfig
                 problems.append(f"unknown key {where!r} (valid keys: {', '.join(model.model_fields)})")
+            elif err["type"] == "value_error":  # one of the validators above: its message already names the value
+                problems.append(f"{where}: {err['ctx']['error']}" if where else str(err["ctx"]["error"]))
             else:
-                problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-        raise ValueError('invalid "hift" config block: ' + "; ".join(problems)) from None
+                problems.append(f"{where or 'hift'}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError('invalid "hift" settings: ' + "; ".join(problems)) from None
+
+
+def hift_settings(*, group_size: int | None = None, num_groups: int | None = None, strategy: str = "bottom2up",
+                  seed: int = 0, units: list[str] | None = None, offload: str = "auto", pin_memory: bool = True,
+                  prefetch: bool = True, offload_slots: int = 2, kernel: str = "auto") -> HiFTConfig:
+    """HiFTOptimizer's keyword arguments checked as the "hift" block is: the same rules, the same messages.
+
+    An error names the block's key (``offload.slots`` for ``offload_slots``, ``offload.device`` for
+    ``offload``), as it does for a config.
+    """
+    return parse_hift_config({
+        "group_size": group_size, "num_groups": num_groups, "strategy": strategy, "seed": seed, "units": units,
+        "offload": {"device": offload, "pin_memory": pin_memory, "prefetch": prefetch, "slots": offload_slots},
+        "kernel": kernel})
+
+
+def check_zero_stage(stage: Any, key: str = "zero_optimization.stage") -> int:
+    """``stage`` if it is a ZeRO stage (0-3); the one message for any other value, naming ``key``."""
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"{key}={stage!r} is not one of 0, 1, 2, 3")
+    return stage
 
 
 def load_ds_config(config: Any) -> dict:

@@ -31,13 +31,7 @@ class DynamicLossScaler:
     @classmethod
     def from_ds_fp16(cls, fp16: dict) -> "DynamicLossScaler":
         """Scaler configured from a DeepSpeed ``"fp16"`` config block."""
-        static = float(fp16.get("loss_scale", 0) or 0)
-        if static > 0:
-            return cls(init_scale=static, dynamic=False)
-        return cls(init_scale=2.0 ** fp16.get("initial_scale_power", 16),
-                   growth_interval=fp16.get("loss_scale_window", 1000),
-                   min_scale=fp16.get("min_loss_scale", 1.0), hysteresis=fp16.get("hysteresis", 2),
-                   consecutive_hysteresis=bool(fp16.get("consecutive_hysteresis", False)))
+        return cls(**loss_scaler_settings(fp16))
 
     def update(self, overflow: bool) -> None:
         """Account for one step that did (True) or did not overflow."""
@@ -79,6 +73,20 @@ class DynamicLossScaler:
         self._iter = state["iter"]
         self._last_overflow = state["last_overflow"]
         self._hysteresis_left = state["hysteresis_left"]
+
+
+def loss_scaler_settings(fp16: dict) -> dict:
+    """``DynamicLossScaler`` keyword arguments of a DeepSpeed ``"fp16"`` block (DeepSpeed's defaults), checked."""
+    static = float(fp16.get("loss_scale", 0) or 0)
+    if static > 0:
+        settings = dict(init_scale=static, dynamic=False)
+    else:
+        settings = dict(init_scale=2.0 ** fp16.get("initial_scale_power", 16),
+                        growth_interval=fp16.get("loss_scale_window", 1000),
+                        min_scale=fp16.get("min_loss_scale", 1.0), hysteresis=fp16.get("hysteresis", 2),
+                        consecutive_hysteresis=bool(fp16.get("consecutive_hysteresis", False)))
+    DynamicLossScaler(**settings)  # its constructor holds the rules: a bad block fails here, before anything is built
+    return settings
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:

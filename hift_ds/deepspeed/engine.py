@@ -1,10 +1,10 @@
 """``hift_ds.initialize``: a DeepSpeed engine whose optimizer is a HiFTOptimizer.
 
-HiFT owns what DeepSpeed would otherwise do for every parameter at once: mixed precision (fp32
-masters per group instead of DeepSpeed's full fp32 copy), loss scaling, gradient clipping and the
-LR schedule (stepped once per cycle). The engine underneath runs ZeRO stage 0, so only the
-active group's gradients are all-reduced; at stages 1-3 HiFT shards them itself (stage 3: over the
-model partitioned by DeepSpeed's ZeRO-3 machinery, ``hift_ds.distributed.zero3``). DeepSpeed's throughput timer runs
+The config is first turned into a ``Plan`` (``hift_ds.deepspeed.plan``), where every rule is
+checked; this module only acts on it: it sets up the process, builds the HiFT optimizer, the LR
+schedule in cycles and DeepSpeed's engine (at ZeRO stage 0, with HiFT's precision, clipping and
+sharding), and wires the two together. At stage 3 the model is partitioned by DeepSpeed's ZeRO-3
+machinery (``hift_ds.distributed.zero3``). DeepSpeed's throughput timer runs
 unsynchronized unless the config asks for timers: a device synchronize each step would serialize the
 offload copies with compute (docs/architecture.md).
 """
@@ -21,21 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from hift_ds import kernels
-from hift_ds.distributed import zero3
-from hift_ds.config import load_ds_config, parse_hift_config
-from hift_ds.optim.optimizer import HiFTOptimizer
-from hift_ds.precision import DynamicLossScaler, cast_parameters
-from hift_ds.schedule import CycleLRScheduler
+from hift_ds.config import load_ds_config
+from hift_ds.deepspeed.plan import Plan, build_plan, optimizer_from_config, thawed  # noqa: F401 (train.badam)
 from hift_ds.deepspeed.scheduler import scheduler_from_config
+from hift_ds.distributed import zero3
+from hift_ds.distributed.zero12 import Zero12Sharding
+from hift_ds.optim.optimizer import HiFTOptimizer
+from hift_ds.precision import cast_parameters
+from hift_ds.schedule import CycleLRScheduler
 from hift_ds.units import trainable_parameters
-from hift_ds.distributed.zero12 import DEFAULT_BUCKET_NUMEL, Zero12Sharding
 
 logger = logging.getLogger(__name__)
 
-# DeepSpeed optimizer "type" -> HiFT built-in; DeepSpeed's "Adam" is AdamW unless adam_w_mode is false.
-_DS_OPTIMIZERS = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd", "adagrad": "adagrad"}
-_DS_ONLY_PARAMS = ("torch_adam", "adam_w_mode", "fused")
 # Set by a launcher (deepspeed, torchrun, accelerate; mpirun or srun through MPI/PMI) or by a platform
 # whose environment DeepSpeed translates itself (AzureML, SageMaker).
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
@@ -67,34 +64,6 @@ def _note_unsynchronized_timer() -> None:
     logger.info('HiFT: DeepSpeed\'s throughput timer runs unsynchronized ("timers": {"throughput": {"synchronized": '
                 'false}}): synchronized, it would wait for the offload copies at every step. To get it back, add '
                 '"timers": {"throughput": {"enabled": true, "synchronized": true}} to the DeepSpeed config')
-
-
-def optimizer_from_config(block: dict | None) -> tuple[str, dict]:
-    """(HiFT built-in name, its keyword arguments) from a DeepSpeed "optimizer" block, with DeepSpeed's defaults."""
-    if not block:
-        logger.info("no \"optimizer\" block in the DeepSpeed config: using AdamW with its defaults")
-        return "adamw", {}
-    kind = str(block.get("type", "")).lower()
-    if kind not in _DS_OPTIMIZERS:
-        raise ValueError(f"optimizer type {block.get('type')!r} is not supported with HiFT; use one of "
-                         "Adam, AdamW, SGD, Adagrad")
-    params = dict(block.get("params") or {})
-    name = _DS_OPTIMIZERS[kind]
-    if kind == "adam" and params.get("adam_w_mode", True) is False:
-        name = "adam"
-    for key in _DS_ONLY_PARAMS:
-        params.pop(key, None)
-    if name in ("adam", "adamw"):
-        if params.pop("bias_correction", True) is not True:
-            raise ValueError("optimizer.params.bias_correction=false is not supported with HiFT; remove it")
-        # DeepSpeed's Adam/AdamW default to no weight decay (torch's AdamW to 0.01): a config
-        # that works with plain DeepSpeed must train the same way here.
-        params.setdefault("weight_decay", 0.0)
-    unknown = sorted(set(params) - set(kernels.DEFAULTS[name]))
-    if unknown:
-        raise ValueError(f"optimizer.params {unknown} are not options of {block.get('type')} with HiFT; valid: "
-                         f"{sorted(kernels.DEFAULTS[name])}")
-    return name, params
 
 
 def single_process_env() -> None:
@@ -149,119 +118,89 @@ def initialize(args: Any = None, model: nn.Module | None = None, model_parameter
     if config is None:
         raise ValueError("no DeepSpeed config: pass config=<dict or path> or --deepspeed <path>")
     ds_config = load_ds_config(config)
-    if "hift" not in ds_config:
-        raise ValueError('the DeepSpeed config has no "hift" block; add "hift": {"group_size": 1} (its default '
-                         'offload, "auto", keeps inactive groups\' state in pinned host memory when the model is on '
-                         'CUDA), or use deepspeed.initialize for plain full fine-tuning')
     if kwargs.get("optimizer") is not None:
         raise ValueError("hift_ds.initialize builds the optimizer from the config's \"optimizer\" block; "
                          "do not pass optimizer=")
-    hift = parse_hift_config(ds_config.pop("hift"))
-    zero = ds_config.setdefault("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_optimization.stage={stage!r} is not one of 0, 1, 2, 3")
-    if stage == 3:
-        zero3.check_zero3_config(zero)
-        partition_config = copy.deepcopy(ds_config)  # zero.Init reads the precision and ZeRO-3 settings from it
-    if kwargs.get("mpu") is not None and stage:
-        raise ValueError(f"model parallelism (mpu=) is not supported with zero_optimization.stage={stage} under "
-                         "HiFT, which shards over the whole world; use stage 0")
-    if ((zero.get("offload_optimizer") or {}).get("device") or "none") != "none":
-        raise ValueError('zero_optimization.offload_optimizer does not apply to HiFT; use "hift": {"offload": '
-                         '{"device": "cpu"}} to keep inactive groups\' state in host memory')
-    # DeepSpeed's own ZeRO-1/2 cannot wrap a rotating trainable set (docs/architecture.md): it runs
-    # stage 0 underneath and HiFT reduce-scatters / all-gathers the active group itself.
-    zero["stage"] = 0
+    plan = build_plan(ds_config, model_parallel=kwargs.get("mpu") is not None)
+    if plan.scheduler is not None and lr_scheduler is not None:
+        raise ValueError("an LR scheduler is both in the config and passed as lr_scheduler=; keep one")
+    _check_model_parameters(model, model_parameters)
+    if not ds_config.get("optimizer"):
+        logger.info("no \"optimizer\" block in the DeepSpeed config: using AdamW with its defaults")
 
-    # Mixed precision is HiFT's: DeepSpeed's BF16/FP16 wrappers would keep fp32 copies of all weights.
-    for key in ("amp", "torch_autocast"):
-        if (ds_config.get(key) or {}).get("enabled"):
-            raise ValueError(f'"{key}" is not supported with the hift block; use "bf16": {{"enabled": true}} (bf16 '
-                             'weights, fp32 masters kept by HiFT) or "fp16"')
-    if "bfloat16" in ds_config:  # DeepSpeed's old name for the bf16 block
-        if "bf16" in ds_config:
-            raise ValueError('the config has both "bf16" and its old name "bfloat16"; keep "bf16"')
-        ds_config["bf16"] = ds_config.pop("bfloat16")
-    scaler = None
-    dtype = torch.float32
-    if (ds_config.get("bf16") or {}).get("enabled"):
-        dtype = torch.bfloat16
-    if (ds_config.get("fp16") or {}).get("enabled"):
-        if dtype == torch.bfloat16:
-            raise ValueError("both bf16 and fp16 are enabled in the config; enable one")
-        dtype, scaler = torch.float16, DynamicLossScaler.from_ds_fp16(ds_config["fp16"])
-    for key in ("bf16", "fp16"):
-        ds_config.pop(key, None)
-    # HiFT clips by the active group's norm (after unscaling); DeepSpeed must not clip as well: its
-    # default is 1.0 when the key is absent, and it would clip fp16 gradients while still scaled.
-    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
-
-    clip = float(ds_config.pop("gradient_clipping", GRADIENT_CLIPPING_DEFAULT) or 0.0)
-    ds_config["gradient_clipping"] = 0.0
-
-    if model_parameters is not None:  # habitually passed as model.parameters(); a subset cannot be honoured
-        given = {id(p) for item in model_parameters
-                 for p in (item["params"] if isinstance(item, dict) else [item])}
-        if not given >= {id(p) for _, p in trainable_parameters(model)}:
-            raise ValueError("model_parameters= leaves out some of the model's trainable parameters, but HiFT trains "
-                             "every one of them group by group; set requires_grad=False on those to keep frozen, "
-                             "or drop model_parameters=")
     if not launcher_env_present():
         # A plain `python script.py` runs as one process, as it does with the HF Trainer; without
         # this DeepSpeed would go looking for MPI (and fail on the missing mpi4py).
         single_process_env()
         logger.info("HiFT: no launcher environment (RANK, WORLD_SIZE, ...): running as a single process")
-    name, opt_params = optimizer_from_config(ds_config.pop("optimizer", None))
     deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"))
     world = _world_size()
-    if dtype == torch.float16 and world > 1 and stage == 0 and not _reduces_fp16():
-        raise ValueError(f"fp16 at ZeRO stage 0 with {world} ranks is not supported on this device: DeepSpeed's "
-                         "gradient all-reduce here (gloo on CPU) cannot reduce fp16 gradients; use \"bf16\": "
-                         "{\"enabled\": true}, GPUs, or zero_optimization.stage 1 or 2 (HiFT reduces those itself)")
-    if stage == 3:  # DeepSpeed partitions the model and gathers/releases each module's weights
-        sharding = zero3.Zero3Sharding(zero3.partition_model(model, partition_config, dtype, _device()))
-    else:
-        model = cast_parameters(model.to(_device()), dtype)
-        sharding = Zero12Sharding(stage, reduce_bucket_size=int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_NUMEL)),
-                                  overlap_comm=bool(zero.get("overlap_comm", True))) if stage else None
-    optimizer = HiFTOptimizer(model, name, loss_scaler=scaler, max_grad_norm=clip, sharding=sharding,
-                              **hift.optimizer_kwargs(), **opt_params)
+    plan.check_fp16_reduction(world, _reduces_fp16())
+    model, optimizer = _hift_optimizer(plan, model)
+    lr_scheduler = _cycle_scheduler(plan, lr_scheduler, optimizer)
 
-    sched_block = ds_config.pop("scheduler", None)
-    if sched_block is not None and lr_scheduler is not None:
-        raise ValueError("an LR scheduler is both in the config and passed as lr_scheduler=; keep one")
-    if sched_block is not None:
-        lr_scheduler = CycleLRScheduler(scheduler_from_config(sched_block, optimizer), optimizer)
-    elif lr_scheduler is not None:
-        lr_scheduler = CycleLRScheduler(lr_scheduler(optimizer) if callable(lr_scheduler) and not hasattr(
-            lr_scheduler, "step") else lr_scheduler, optimizer)
-
-    if unsynchronize_throughput_timer(ds_config):
+    engine_config = plan.deepspeed_config()
+    if unsynchronize_throughput_timer(engine_config):
         _note_unsynchronized_timer()
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))
-        args.deepspeed_config = None  # the edited dict below replaces the file
+        args.deepspeed_config = None  # the plan's config below replaces the file
     engine, ds_opt, loader, sched = deepspeed.initialize(
         args=args, model=model, model_parameters=None, training_data=training_data, lr_scheduler=lr_scheduler,
-        optimizer=optimizer, config=ds_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
+        optimizer=optimizer, config=engine_config, **{k: v for k, v in kwargs.items() if k != "optimizer"})
     # DeepSpeed has just broadcast rank 0's weights into the model; the masters must follow.
     optimizer.sync_masters_from_model()
     _resync_after_partial_loads(engine, optimizer)
-    if stage or world == 1:
+    if plan.zero.stage or world == 1:
         # Stages 1/2: the optimizer reduce-scatters the active group itself. One process: there is
         # nothing to reduce, and DeepSpeed's CPU all-reduce would refuse fp16 gradients.
         engine.enable_backward_allreduce = False
     if optimizer.reduces_in_backward:
         _arm_reduction_in_backward(engine, optimizer)
-    if stage == 3:
-        zero3.attach_to_engine(engine, optimizer, zero)
+    if plan.zero.stage == 3:
+        zero3.attach_to_engine(engine, optimizer, thawed(plan.zero.block))
     # DeepSpeed's own zero_grad sets every .grad to None, which would drop the optimizer's views
     # into its flat gradient buffer (the optimizer recovers, but at the cost of a copy).
     engine.zero_grad = lambda: optimizer.zero_grad()
-    if scaler is not None:
+    if plan.precision.loss_scaler is not None:
         _scale_engine_backward(engine, optimizer)
     return engine, ds_opt, loader, sched
+
+
+def _check_model_parameters(model: nn.Module, model_parameters: Any) -> None:
+    if model_parameters is None:  # habitually passed as model.parameters(); a subset cannot be honoured
+        return
+    given = {id(p) for item in model_parameters for p in (item["params"] if isinstance(item, dict) else [item])}
+    if not given >= {id(p) for _, p in trainable_parameters(model)}:
+        raise ValueError("model_parameters= leaves out some of the model's trainable parameters, but HiFT trains "
+                         "every one of them group by group; set requires_grad=False on those to keep frozen, "
+                         "or drop model_parameters=")
+
+
+def _hift_optimizer(plan: Plan, model: nn.Module) -> tuple[nn.Module, HiFTOptimizer]:
+    # The model in the plan's dtype on this rank's device (stage 3: partitioned by DeepSpeed, which
+    # gathers and releases each module's weights), and the HiFT optimizer over it.
+    dtype = plan.precision.dtype
+    if plan.zero.stage == 3:
+        sharding = zero3.Zero3Sharding(zero3.partition_model(model, plan.partition_config(), dtype, _device()))
+    else:
+        model = cast_parameters(model.to(_device()), dtype)
+        sharding = Zero12Sharding(plan.zero.stage, **plan.zero.sharding_kwargs()) if plan.zero.stage else None
+    return model, HiFTOptimizer(model, plan.optimizer.name, loss_scaler=plan.precision.make_loss_scaler(),
+                                max_grad_norm=plan.max_grad_norm, sharding=sharding, **plan.hift.optimizer_kwargs(),
+                                **plan.optimizer.kwargs())
+
+
+def _cycle_scheduler(plan: Plan, lr_scheduler: Any, optimizer: HiFTOptimizer) -> CycleLRScheduler | None:
+    # The config's schedule with its step counts in cycles, or the caller's (a scheduler or a
+    # callable building one), advanced once per cycle either way.
+    if plan.scheduler is not None:
+        return CycleLRScheduler(scheduler_from_config(plan.scheduler_block(), optimizer), optimizer)
+    if lr_scheduler is None:
+        return None
+    if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+        lr_scheduler = lr_scheduler(optimizer)
+    return CycleLRScheduler(lr_scheduler, optimizer)
 
 
 def _resync_after_partial_loads(engine, optimizer: HiFTOptimizer) -> None:

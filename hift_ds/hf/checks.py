@@ -3,7 +3,8 @@
 Each check raises one ValueError/TypeError naming the setting and what to do instead. They run when
 the trainer is constructed (with the arguments given) and again on what the Trainer made of them
 (a model TRL loaded from a name, default TrainingArguments), so a bad combination stops before a
-HiFT optimizer or DeepSpeed engine exists.
+HiFT optimizer or DeepSpeed engine exists. A DeepSpeed config is checked by hift_ds.initialize's
+own rules (``hift_ds.deepspeed.plan``); only what the Trainer itself cannot do is refused here.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from hift_ds.config import HiFTConfig, parse_hift_config
-from hift_ds.deepspeed.engine import optimizer_from_config  # the "optimizer" block rules of hift_ds.initialize
+from hift_ds.deepspeed.plan import check_config, zero_stage  # hift_ds.initialize's rules, messages and all
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +78,11 @@ def check_training_arguments(args: Any, optimizer_cls_and_kwargs: Any) -> dict |
     ds_config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else None
     if ds_config is None:
         return None
-    zero = ds_config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2):
+    stage = zero_stage(ds_config)
+    if stage == 3:
         raise ValueError(f"zero_optimization.stage={stage} in the DeepSpeed config is not supported by the HiFT "
                          "Trainer; use stage 0, 1 or 2 (HiFT shards the active group's masters and state itself at "
                          "stages 1/2), or train at ZeRO-3 with hift_ds.initialize or launch/train.py")
-    for key in ("offload_optimizer", "offload_param"):
-        if ((zero.get(key) or {}).get("device") or "none") != "none":
-            raise ValueError(f'zero_optimization.{key} in the DeepSpeed config does not apply to HiFT; remove it and '
-                             'use hift={"offload": {"device": "cpu"}} to keep inactive groups\' masters and state '
-                             "in host memory")
     if optimizer_cls_and_kwargs is not None:
         raise ValueError("optimizer_cls_and_kwargs= is set together with deepspeed=; with DeepSpeed the optimizer "
                          'comes from the config\'s "optimizer" block (Adam, AdamW, SGD, Adagrad): set it there')
@@ -95,8 +90,6 @@ def check_training_arguments(args: Any, optimizer_cls_and_kwargs: Any) -> dict |
     if schedule in METRIC_SCHEDULES:
         raise ValueError(f"lr_scheduler_type={schedule!r} steps on evaluation metrics, which the DeepSpeed engine "
                          "cannot do; use a step-based schedule (linear, cosine, ...) or run without deepspeed=")
-    if "optimizer" in ds_config:
-        optimizer_from_config(ds_config["optimizer"])
     return ds_config
 
 
@@ -119,6 +112,8 @@ def check_trainer_inputs(hift: Any, model: Any, args: Any, optimizers: Any, opti
                          "adapters; drop peft_config= to fine-tune the full model with HiFT, or train the adapters "
                          "with the plain trainer")
     ds_config = check_training_arguments(args, optimizer_cls_and_kwargs)
-    settings = check_hift_block(hift, ds_config)
+    settings, block = check_hift_block(hift, ds_config)
+    if ds_config is not None:  # the rest of the config, as hift_ds.initialize will check it once it is filled
+        check_config({**ds_config, "hift": block})
     check_model(model, deepspeed=ds_config is not None)
-    return settings
+    return settings, block
