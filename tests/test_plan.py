@@ -29,10 +29,6 @@ from hift_ds.schedule import WarmupShift, deepspeed_warmup_shift, trainer_warmup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("single_rank_env")
-# HiFTOptimizer does not call hift_ds.config.hift_settings / check_zero_stage yet (its file is being split): until
-# it does, these rows fail for it, and strict xfail turns them into failures the moment it is wired.
-PENDING = ("HiFTOptimizer validates its keyword arguments with its own checks; wire hift_ds.config.hift_settings "
-           "(and check_zero_stage for zero_stage) into HiFTOptimizer.__init__")
 
 
 @dataclass
@@ -45,7 +41,6 @@ class Row:
     trainer: tuple[dict, dict] | None = None  # (HiFT trainer keyword arguments, TrainingArguments keyword arguments)
     cli: bool = False  # also through launch/train.py with the config written to a file (seconds each: few rows)
     optimizer_exc: type = ValueError  # TypeError where Python's convention is one (an unknown keyword argument)
-    pending: bool = False  # HiFTOptimizer not yet wired to the shared rule
     exc: type = ValueError
 
 
@@ -58,10 +53,10 @@ def trainer_ds(**changes) -> dict:
 LAMB = {"type": "Lamb", "params": {"lr": 1e-3}}
 ROWS = {
     "group_size_0": Row("group_size: must be >= 1, got 0", config={"hift": {"group_size": 0}},
-                        optimizer=dict(group_size=0), pending=True, trainer=(dict(hift={"group_size": 0}), {}),
+                        optimizer=dict(group_size=0), trainer=(dict(hift={"group_size": 0}), {}),
                         cli=True),
     "num_groups_0": Row("num_groups: must be >= 1, got 0", config={"hift": {"num_groups": 0}},
-                        optimizer=dict(num_groups=0), pending=True, trainer=(dict(hift={"num_groups": 0}), {})),
+                        optimizer=dict(num_groups=0), trainer=(dict(hift={"num_groups": 0}), {})),
     "group_size_and_num_groups": Row("set either group_size (2) or num_groups (2), not both",
                                      config={"hift": {"group_size": 2, "num_groups": 2}},
                                      optimizer=dict(group_size=2, num_groups=2),
@@ -71,12 +66,12 @@ ROWS = {
                             trainer=(dict(hift={"strategy": "sideways"}), {})),
     "offload_device": Row("offload.device: Input should be 'auto', 'cpu' or 'none' (got 'disk')",
                           config={"hift": {"offload": {"device": "disk"}}}, optimizer=dict(offload="disk"),
-                          pending=True, trainer=(dict(hift={"offload": {"device": "disk"}}), {})),
+                          trainer=(dict(hift={"offload": {"device": "disk"}}), {})),
     "offload_slots": Row("offload.slots: Input should be 1 or 2 (got 3)", config={"hift": {"offload": {"slots": 3}}},
-                         optimizer=dict(offload_slots=3), pending=True,
+                         optimizer=dict(offload_slots=3),
                          trainer=(dict(hift={"offload": {"slots": 3}}), {})),
     "kernel": Row("kernel: Input should be 'auto', 'triton' or 'torch' (got 'cuda')",
-                  config={"hift": {"kernel": "cuda"}}, optimizer=dict(kernel="cuda"), pending=True,
+                  config={"hift": {"kernel": "cuda"}}, optimizer=dict(kernel="cuda"),
                   trainer=(dict(hift={"kernel": "cuda"}), {})),
     "unknown_hift_key": Row("unknown key 'colour' (valid keys: group_size, num_groups, strategy",
                             config={"hift": {"colour": "red"}}, trainer=(dict(hift={"colour": "red"}), {})),
@@ -93,7 +88,6 @@ ROWS = {
                                config={"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}},
                                optimizer=dict(lr="fast")),
     "zero_stage_4": Row("stage=4 is not one of 0, 1, 2, 3", config={"zero_optimization": {"stage": 4}},
-                        optimizer=dict(zero_stage=4), pending=True,
                         trainer=({}, dict(deepspeed=trainer_ds(zero_optimization={"stage": 4}))), cli=True),
     "offload_optimizer": Row('zero_optimization.offload_optimizer does not apply to HiFT; remove it and set "hift": '
                              '{"offload": {"device": "cpu"}}',
@@ -146,9 +140,7 @@ def cases(entry: str) -> list:
     for name, row in sorted(ROWS.items()):
         if getattr(row, entry) in (None, False):
             continue
-        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=PENDING)] \
-            if entry == "optimizer" and row.pending else []
-        out.append(pytest.param(name, id=name, marks=marks))
+        out.append(pytest.param(name, id=name))
     return out
 
 

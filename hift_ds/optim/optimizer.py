@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from hift_ds import kernels
+from hift_ds.config import hift_settings
 from hift_ds.optim import state
 from hift_ds.optim.hyperparams import builtin_hyper, resolve_offload, resolve_optimizer
 from hift_ds.optim.sharding import Sharding
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 class HiFTOptimizer(torch.optim.Optimizer):
     """Hierarchical full-parameter fine-tuning: one group of units trained per optimizer step."""
 
-    def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int = 1,
+    def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int | None = None,
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
                  units: list[str] | None = None, offload: str = "auto", pin_memory: bool = True,
                  prefetch: bool = True, offload_slots: int = 2, kernel: str = "auto",
@@ -38,8 +39,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
                  sharding: Sharding | None = None, **optimizer_kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"HiFTOptimizer needs the model (an nn.Module), got {type(model).__name__}")
-        if num_groups is not None and group_size != 1:
-            raise ValueError(f"set either group_size ({group_size}) or num_groups ({num_groups}), not both")
+        # The same rules and messages as the "hift" block of a DeepSpeed config.
+        hift_settings(group_size=group_size, num_groups=num_groups, strategy=strategy, seed=seed, units=units,
+                      offload=offload, pin_memory=pin_memory, prefetch=prefetch, offload_slots=offload_slots,
+                      kernel=kernel)
         if max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm}")
         self.name, self._inner_cls = resolve_optimizer(optimizer)
@@ -47,7 +50,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self.sharding.stage and self.name is None:
             raise ValueError(f"ZeRO stage {self.sharding.stage} needs a built-in optimizer ({sorted(kernels.DEFAULTS)})")
         self.units = units_from_patterns(model, units) if units is not None else discover_units(model)
-        self._unit_groups = group_units(self.units, None if num_groups else group_size, num_groups)
+        self._unit_groups = group_units(self.units, None if num_groups else group_size or 1, num_groups)
         self._names = [[n for u in g for n, _ in u.params] for g in self._unit_groups]
         self._params = [[p for u in g for _, p in u.params] for g in self._unit_groups]
         self.device, self.model_dtype = _device_and_dtype([p for ps in self._params for p in ps])
