@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -234,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     import hift_ds
+    from hift_ds import atomic
     from hift_ds.train import data as D
-    from hift_ds.train.checkpoints import atomic_write_text, latest_tag, restore_rng_state, rng_state, save_checkpoint
+    from hift_ds.train.checkpoints import latest_tag, restore_rng_state, rng_state, save_checkpoint
     from hift_ds.config import load_ds_config
     from hift_ds.train.evaluation import evaluate, generate_samples
     from hift_ds.deepspeed.scheduler import warmup_held_at_start
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.remove(log_path)
     if rank == 0 and step > 0 and os.path.exists(log_path):  # drop entries past the checkpoint
         kept = [l for l in open(log_path) if json.loads(l)["step"] <= step]
-        atomic_write_text(log_path, "".join(kept))
+        atomic.write_text(log_path, "".join(kept))
 
     epoch_batches = len(loader)
     if epoch_batches < gas:
@@ -388,15 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
     state = gathered_state_dict(engine.module) if zero3 else None
     if rank == 0:
         final = os.path.join(args.output_dir, "final")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        # replace=True deletes the old final/ before the rename: a kill between the two leaves none.
+        atomic.write_dir(final, lambda tmp: (engine.module.save_pretrained(tmp, state_dict=state),
+                                             tok.save_pretrained(tmp)), replace=True)
         result = {"mode": args.mode, "lr": args.lr, "steps": step, "before": before, "after": after,
                   "samples": samples}
-        atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(result, indent=2))
+        atomic.write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(result, indent=2))
         rows = [(k, before[k], after[k]) for k in after]
         print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
         for k, b, a in rows:

@@ -287,6 +287,16 @@ def test_rng_state_includes_cuda_generators_when_cuda_is_there(monkeypatch, capl
     assert restored == [gpu_states] and "no CUDA RNG state" in caplog.text
 
 
+def test_is_main_process_reads_the_launchers_rank(monkeypatch):
+    from hift_ds.distributed import is_main_process
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main_process()  # no launcher: one process, the main one
+    for rank, main in (("0", True), ("1", False), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert is_main_process() is main
+
+
 def test_instruction_records_whose_prompt_fills_max_length_are_dropped(assets, caplog):
     import transformers
 

@@ -7,17 +7,10 @@ import logging
 import os
 import signal
 
+from hift_ds import atomic
+from hift_ds.distributed import is_main_process
+
 log = logging.getLogger(__name__)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a small file so readers see the old or the new content, never a torn one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict) -> None:
@@ -30,8 +23,8 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict) -> Non
         os.kill(os.getpid(), signal.SIGKILL)  # test hook: die after the files, before the pointer
     if dist.is_initialized():
         dist.barrier()
-    if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+    if is_main_process():
+        atomic.write_text(os.path.join(ckpt_dir, "latest"), tag)
 
 
 def latest_tag(ckpt_dir: str) -> str | None:

@@ -26,9 +26,10 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Callable
+
+from hift_ds import atomic
 
 log = logging.getLogger(__name__)
 CACHE = os.environ.get("HIFT_DS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hift-ds"))
@@ -66,10 +67,8 @@ def default_data() -> str:
 
 def _write_jsonl_atomically(path: str, records: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)  # atomic: a concurrent or interrupted first run never sees half a file
+    # atomic: a concurrent or interrupted first run never sees half a file
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,16 +104,11 @@ def convert_gguf(gguf_dir: str, gguf_file: str, out: str) -> None:
         model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out)  # atomic: readers see no folder or a complete one
+    try:  # atomic: readers see no folder or a complete one
+        atomic.write_dir(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     except OSError:
         if not os.path.isfile(os.path.join(out, "config.json")):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
+            raise  # else another process converted it first: its folder is as good as ours
 
 
 def instruction_model() -> str:
