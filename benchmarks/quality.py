@@ -31,10 +31,9 @@ RUNS = [("fpft", "fpft", None), ("hift bottom2up", "hift", "bottom2up"), ("hift 
 
 def passed_through() -> list[str]:
     """The launch/train.py options that go to every run unchanged: all but those set per run."""
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import train
+    from hift_ds.train import build_parser
 
-    return [max(a.option_strings, key=len) for a in train.build_parser()._actions
+    return [max(a.option_strings, key=len) for a in build_parser()._actions
             if a.option_strings and a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
             and max(a.option_strings, key=len) not in SET_PER_RUN]
 

@@ -1,21 +1,18 @@
 """Gradient checkpointing with HiFT: the same trajectory as without it (optimizer and launch/train.py)."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import batch, tiny_llama
-from hift_ds import HiFTOptimizer
+from hift_ds import HiFTOptimizer, train
 from hift_ds.profile.presets import enable_gradient_checkpointing
 from hift_ds.profile import SavedTensorMeter
 from tinymodel import instruction_jsonl, make_causal_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import train  # noqa: E402
 
 
 def _trajectory(checkpointing: bool, dtype, steps: int, **kw):

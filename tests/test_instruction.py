@@ -2,22 +2,19 @@
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 import transformers
 
 from tinymodel import instruction_jsonl, make_causal_lm
+from hift_ds import train
+from hift_ds.train import data as D
+from hift_ds.train import jobs
+from hift_ds.train.badam import block_prefixes, build_badam, recommended_switch_every
+from hift_ds.train.evaluation import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import train  # noqa: E402
-
-from hift_ds.train import data as D  # noqa: E402
-from hift_ds.train import jobs  # noqa: E402
-from hift_ds.train.badam import block_prefixes, build_badam, recommended_switch_every  # noqa: E402
-from hift_ds.train.evaluation import evaluate  # noqa: E402
 
 FAST = ["--deepspeed", os.path.join(ROOT, "ds_configs", "hift_fp32.json"), "--batch-size", "8", "--max-length", "16",
         "--no-progress", "--log-every", "0"]

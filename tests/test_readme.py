@@ -35,8 +35,7 @@ def test_every_config_named_in_the_readme_exists():
 
 
 def test_every_train_flag_in_the_readme_is_an_option():
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import train
+    from hift_ds import train
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--help"],
                                capture_output=True, text=True).stdout
     section = README.split("## Quick start")[1].split("\n## ")[0]  # the train.py section

@@ -11,11 +11,10 @@ import torch
 
 from conftest import batch, tiny_llama
 from tinymodel import instruction_jsonl, make_causal_lm, make_classifier, sentiment_jsonl
+from hift_ds import train
 from hift_ds.train import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import train  # noqa: E402
 
 FAST = ["--deepspeed", os.path.join(ROOT, "ds_configs", "hift_fp32.json"), "--batch-size", "8", "--max-length", "16",
         "--no-progress", "--log-every", "0"]

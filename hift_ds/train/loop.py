@@ -1,0 +1,288 @@
+"""The run launch/train.py makes: data and model, the engine, resume, the epochs, the final evaluation and save.
+
+``main()`` reads top to bottom, one function per stage. Bad input raises ValueError where it is detected
+(wrong config types included); ``cli.run()``, the command line, prints it as ``error: ...`` with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hift_ds import atomic
+from hift_ds.train import data as D
+from hift_ds.train.checkpoints import latest_tag, restore_rng_state, rng_state, save_checkpoint
+from hift_ds.train.cli import build_config, parse_args, resolve_job
+from hift_ds.train.evaluation import evaluate, generate_samples
+from hift_ds.train.model import load_model, save_final
+
+log = logging.getLogger(__package__)  # the CLI's messages keep the one name "hift_ds.train"
+
+
+@dataclass
+class Job:
+    """What the run trains on: the task, tokenizer and model, the encoded sets, the prompts sampled before and after."""
+
+    task: str
+    tok: Any
+    model: Any
+    train_ds: Any
+    eval_ds: Any
+    samples: list[dict]  # held-out instruction records whose greedy generations are printed
+    chat: bool  # instruction prompts through the tokenizer's chat template
+    zero3: bool  # a ZeRO-3 config: the model is partitioned across the ranks
+
+
+@dataclass
+class Run:
+    """The DeepSpeed engine and what drives it: the loaders, the step budget, where the run writes."""
+
+    engine: Any
+    optimizer: Any
+    sampler: Any
+    loader: Any
+    eval_loader: Any
+    total_steps: int
+    world: int
+    ckpt_dir: str
+    log_path: str
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, evaluate before and after, save the final model; returns the metrics."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from hift_ds.deepspeed.engine import single_process_env
+
+    single_process_env()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(args.seed)
+    if args.resume and args.mode == "badam":
+        raise ValueError("--resume is not supported with --mode badam: BAdam's optimizer does not save its block "
+                         "position or its fp32 copy, so a resumed run would not continue the same training")
+    job = prepare_data(args)
+    run = build_engine(args, job)
+    step, before = resume(args, run)
+    if before is None:
+        before = evaluate(run.engine.module, run.eval_loader, job.task)
+    samples_before = _generate(run, job) if step == 0 else []
+    start_log(run, step)
+    step = train_epochs(args, run, step, before)
+    return finish(args, run, job, step, before, samples_before)
+
+
+def prepare_data(args: argparse.Namespace) -> Job:
+    """Read and split the data, load the model (partitioned under ZeRO-3) and encode both sets for it."""
+    from hift_ds.config import load_ds_config
+
+    model_path, data_path = resolve_job(args)
+    records = D.read_jsonl(data_path)
+    task = D.detect_task(records, data_path)
+    if args.task is not None and args.data is not None and task != args.task:
+        raise ValueError(f"--task {args.task}, but {data_path} holds {task} records; drop --task or pass "
+                         f"{args.task} data")
+    if args.eval_data:
+        train_recs, eval_recs = records, D.read_jsonl(args.eval_data)
+        D.detect_task(eval_recs, args.eval_data)
+    else:
+        train_recs, eval_recs = D.split(records, args.eval_fraction, args.seed)
+    labels = D.label_set(train_recs) if task == D.CLASSIFICATION else []
+    ds_file = load_ds_config(args.deepspeed)
+    zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
+    tok, model = load_model(model_path, task, len(labels), zero3_config=ds_file if zero3 else None)
+    if args.gradient_checkpointing:
+        from hift_ds.profile.presets import enable_gradient_checkpointing
+        enable_gradient_checkpointing(model)
+    D.check_max_length(args.max_length, tok, model.config)
+    eval_path = args.eval_data or data_path
+    if task == D.CLASSIFICATION:
+        train_ds = D.encode_classification(train_recs, tok, labels, args.max_length, data_path)
+        eval_ds = D.encode_classification(eval_recs, tok, labels, args.max_length, eval_path)
+    else:
+        train_ds = D.encode_instruction(train_recs, tok, args.max_length, data_path, args.prompt_format)
+        eval_ds = D.encode_instruction(eval_recs, tok, args.max_length, eval_path, args.prompt_format)
+    instruction = task == D.INSTRUCTION
+    return Job(task, tok, model, train_ds, eval_ds, samples=eval_recs[:args.samples] if instruction else [],
+               chat=instruction and D.uses_chat_template(tok, args.prompt_format), zero3=zero3)
+
+
+def build_engine(args: argparse.Namespace, job: Job) -> Run:
+    """The DeepSpeed engine of --mode (HiFT's, plain, or plain with BAdam as its optimizer) and the data loaders."""
+    import deepspeed
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    import hift_ds
+    from hift_ds.schedule import deepspeed_warmup_shift
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = build_config(args, len(job.train_ds), world)
+    total_steps = cfg.pop("_total_steps")
+    client = None
+    if args.mode == "badam":  # BAdam is a client optimizer of a plain DeepSpeed engine
+        from hift_ds.train.badam import build_badam
+        client, cfg = build_badam(job.model, cfg, args.badam_order, args.badam_switch_every, len(job.train_ds), world)
+    init = hift_ds.initialize if args.mode == "hift" else deepspeed.initialize
+    engine, optimizer, _, scheduler = init(model=job.model, optimizer=client, config=cfg,
+                                           model_parameters=[p for p in job.model.parameters() if p.requires_grad])
+    steps_in = deepspeed_warmup_shift(cfg.get("scheduler")).steps_in
+    if args.mode != "hift" and steps_in:
+        # DeepSpeed's warm-up schedules train steps 1 and 2 at warmup_min_lr (iterations -1 and 0,
+        # often LR 0); HiFT's engine starts them at iteration 1, and so do the other modes, so
+        # that every mode trains every step of the same budget.
+        scheduler.step(steps_in)
+    micro = engine.train_micro_batch_size_per_gpu()
+    sampler = DistributedSampler(job.train_ds, num_replicas=world, rank=engine.global_rank, shuffle=True,
+                                 seed=args.seed)
+    # Its own generator: the loader must not draw from the global RNG that dropout uses, or a
+    # resumed run (whose iterator starts at another point) would diverge from the uninterrupted one.
+    loader = DataLoader(job.train_ds, batch_size=micro, sampler=sampler, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = DataLoader(job.eval_ds, batch_size=micro)
+    os.makedirs(args.output_dir, exist_ok=True)
+    return Run(engine, optimizer, sampler, loader, eval_loader, total_steps, world,
+               ckpt_dir=os.path.join(args.output_dir, "checkpoints"),  # created by the first checkpoint, if any
+               log_path=os.path.join(args.output_dir, "train_log.jsonl"))
+
+
+def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None]:
+    """(optimizer step, metrics before training): from the latest checkpoint with --resume, else (0, None)."""
+    tag = latest_tag(run.ckpt_dir) if args.resume else None
+    if tag is not None:
+        load_path, client = run.engine.load_checkpoint(run.ckpt_dir, tag=tag)
+        if load_path is None:  # DeepSpeed returns (None, None) instead of raising
+            raise ValueError(f"--resume: DeepSpeed could not load checkpoint {os.path.join(run.ckpt_dir, tag)}")
+        restore_rng_state(client)
+        log.info("resumed from %s at optimizer step %d", os.path.join(run.ckpt_dir, tag), client["step"])
+        return client["step"], client["before"]
+    if args.resume:
+        log.warning("--resume: no checkpoint in %s (no 'latest' file), starting fresh", run.ckpt_dir)
+    return 0, None
+
+
+def start_log(run: Run, step: int) -> None:
+    """The step log of this run: a fresh one, or a resumed run's with the entries past its checkpoint dropped."""
+    if run.engine.global_rank != 0 or not os.path.exists(run.log_path):
+        return
+    if step == 0:
+        os.remove(run.log_path)
+    else:
+        kept = [line for line in open(run.log_path) if json.loads(line)["step"] <= step]
+        atomic.write_text(run.log_path, "".join(kept))
+
+
+def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) -> int:
+    """Train from optimizer step ``step`` to the budget, logging, checkpointing and profiling; the last step."""
+    from tqdm import tqdm
+
+    engine, optimizer, world, rank = run.engine, run.optimizer, run.world, run.engine.global_rank
+    gas, epoch_batches = engine.gradient_accumulation_steps(), len(run.loader)
+    if epoch_batches < gas:
+        raise ValueError(f"{len(run.loader.dataset)} training examples make {epoch_batches} micro-batches per epoch, "
+                         f"fewer than gradient_accumulation_steps={gas}; lower --batch-size or add data")
+    bar = tqdm(total=run.total_steps, initial=step, disable=args.no_progress or rank != 0, dynamic_ncols=True,
+               desc=args.mode)
+    prof = _start_profiler(optimizer) if args.profile else None
+    mark = prof.mark if prof is not None else lambda phase: None
+    engine.train()
+    tokens, t0, micro_done = 0, time.time(), step * gas
+    while step < run.total_steps:
+        epoch, skip = divmod(micro_done, epoch_batches)  # a resumed run skips what its epoch already trained
+        run.sampler.set_epoch(epoch)
+        for i, batch in enumerate(run.loader):
+            if i < skip:
+                continue
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            mark("forward")
+            loss = engine(**batch).loss
+            mark("backward")
+            engine.backward(loss)
+            mark("step")
+            if engine.is_gradient_accumulation_boundary():  # this step updates, then moves group and LR on
+                lr, group = optimizer.param_groups[0]["lr"], getattr(optimizer, "active_group", None)
+            engine.step()
+            mark(None)
+            micro_done += 1
+            tokens += int(batch["attention_mask"].sum()) * world
+            if micro_done % gas:
+                continue
+            step += 1
+            loss_val = float(loss.detach())
+            if rank == 0:
+                with open(run.log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "group": group}) + "\n")
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", group=group,
+                            tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
+            bar.update(1)
+            if args.log_every and step % args.log_every == 0 and rank == 0:
+                log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
+            if args.save_every and (step % args.save_every == 0 or step == run.total_steps):
+                save_checkpoint(engine, run.ckpt_dir, step, {"step": step, "before": before, **rng_state()})
+            if step >= run.total_steps:
+                break
+    bar.close()
+    if prof is not None:
+        prof.stop()
+        if rank == 0:
+            _write_profile(prof, args.output_dir, args.mode)
+    return step
+
+
+def _start_profiler(optimizer):
+    """--profile: the memory profiler of ``python -m hift_ds.profile``, sampling every 10 ms from now on."""
+    from hift_ds.profile import MemoryProfiler
+
+    prof = MemoryProfiler(interval_ms=10, optimizer=optimizer if hasattr(optimizer, "memory_report") else None)
+    prof.start()
+    return prof
+
+
+def _write_profile(prof, output_dir: str, mode: str) -> None:
+    with open(os.path.join(output_dir, "profile.json"), "w") as f:
+        json.dump(prof.summary(), f, indent=2)
+    prof.plot(os.path.join(output_dir, "profile.png"), title=f"{mode} training")
+
+
+def finish(args: argparse.Namespace, run: Run, job: Job, step: int, before: dict, samples_before: list) -> dict:
+    """Evaluate after training, save final/ and metrics.json, print the comparison; returns the metrics."""
+    from hift_ds.distributed.zero3 import gathered_state_dict
+
+    after = evaluate(run.engine.module, run.eval_loader, job.task)
+    samples = _generate(run, job)
+    for i, sample in enumerate(samples):
+        sample["before"] = samples_before[i]["generated"] if samples_before else None
+    # ZeRO-3: every rank holds 1/N of the weights; gather them module by module (all ranks take part).
+    state = gathered_state_dict(run.engine.module) if job.zero3 else None
+    if run.engine.global_rank == 0:
+        final = os.path.join(args.output_dir, "final")
+        save_final(run.engine.module, job.tok, final, state_dict=state)
+        result = {"mode": args.mode, "lr": args.lr, "steps": step, "before": before, "after": after,
+                  "samples": samples}
+        atomic.write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(result, indent=2))
+        _print_report(before, after, samples)
+        dtype = str(next(run.engine.module.parameters()).dtype).replace("torch.", "")
+        print(f"final model ({dtype}): {final}")
+    return {"before": before, "after": after, "samples": samples}
+
+
+def _generate(run: Run, job: Job) -> list[dict]:
+    """Greedy generations for the sample prompts (none for classification)."""
+    if not job.samples:
+        return []
+    return generate_samples(run.engine.module, job.tok, job.samples, job.chat, synced_gpus=job.zero3 and run.world > 1)
+
+
+def _print_report(before: dict, after: dict, samples: list[dict]) -> None:
+    print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
+    for k in after:
+        print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}")
+    for sample in samples:
+        print(f"\nprompt:    {sample['prompt']}\nreference: {sample['reference']}")
+        if sample["before"] is not None:
+            print(f"before:    {sample['before']}")
+        print(f"after:     {sample['generated']}")

@@ -1,0 +1,44 @@
+"""The model launch/train.py trains: loaded from a Hugging Face name or folder, saved as ``final/`` at the end."""
+from __future__ import annotations
+
+import os
+
+from hift_ds import atomic
+
+
+def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None = None):
+    """Tokenizer and model from a HF name or directory, with clear errors for missing weights.
+
+    With a ZeRO-3 ``zero3_config`` the model is built inside ``deepspeed.zero.Init`` and its weights
+    loaded partition by partition (transformers does both while an ``HfDeepSpeedConfig`` is alive),
+    so no rank ever holds the whole model.
+    """
+    import transformers
+
+    if os.path.isdir(path) and not any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path)):
+        raise ValueError(f"model directory {path!r} has no weights (*.safetensors or *.bin); point --model at a "
+                         "saved model (save_pretrained output) or a hub name")
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+        zero3 = HfDeepSpeedConfig(zero3_config)  # noqa: F841 (transformers holds it by weak reference)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        if task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    except OSError as e:
+        raise ValueError(f"cannot load model {path!r}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return tok, model
+
+
+def save_final(model, tok, final: str, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` of model and tokenizer into ``final`` (``state_dict``: the whole weights under ZeRO-3)."""
+    # Written under a temporary name, then renamed; replace=True deletes an older final/ first, so a
+    # kill between the deletion and the rename leaves no final/ (the rename cannot replace a folder).
+    atomic.write_dir(final, lambda tmp: (model.save_pretrained(tmp, state_dict=state_dict), tok.save_pretrained(tmp)),
+                     replace=True)
