@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import signal
 
 from hift_ds import atomic
 from hift_ds.distributed import is_main_process
@@ -19,8 +18,6 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict) -> Non
 
     tag = f"step{step}"
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    if os.environ.get("HIFT_FAULT_INJECT") == f"kill-in-save:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die after the files, before the pointer
     if dist.is_initialized():
         dist.barrier()
     if is_main_process():
