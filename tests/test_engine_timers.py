@@ -9,7 +9,6 @@ baselines. Each engine here runs 4 steps: DeepSpeed's timer synchronizes only fr
 import glob
 import json
 import os
-import sys
 
 import pytest
 
@@ -19,8 +18,7 @@ from hift_ds.deepspeed import engine as engine_module
 from conftest import batch, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import train  # noqa: E402
+from hift_ds import train  # noqa: E402
 
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
 TRAINER = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "trainer", "*.json")))

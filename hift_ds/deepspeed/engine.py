@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from hift_ds.config import load_ds_config
-from hift_ds.deepspeed.plan import Plan, build_plan, optimizer_from_config, thawed  # noqa: F401 (train.badam)
+from hift_ds.deepspeed.plan import Plan, build_plan, thawed
 from hift_ds.deepspeed.scheduler import scheduler_from_config
-from hift_ds.distributed import zero3
+from hift_ds.distributed import is_main_process, zero3
 from hift_ds.distributed.zero12 import Zero12Sharding
 from hift_ds.optim.optimizer import HiFTOptimizer
 from hift_ds.precision import cast_parameters
@@ -58,7 +58,7 @@ def unsynchronize_throughput_timer(ds_config: dict) -> bool:
 
 def _note_unsynchronized_timer() -> None:
     global _timer_note_logged
-    if _timer_note_logged or int(os.environ.get("RANK", "0")) != 0:
+    if _timer_note_logged or not is_main_process():
         return
     _timer_note_logged = True
     logger.info('HiFT: DeepSpeed\'s throughput timer runs unsynchronized ("timers": {"throughput": {"synchronized": '

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
+from hift_ds.distributed import is_main_process
 from hift_ds.schedule import DEEPSPEED_WARMUP_SCHEDULES, deepspeed_warmup_shift, steps_to_cycles
 
 logger = logging.getLogger(__name__)
@@ -22,11 +22,6 @@ STEP_PARAMS = ("warmup_num_steps", "total_num_steps", "cycle_first_step_size", "
                "decay_step_size", "lr_range_test_step_size")
 # Share of the peak LR below which a run counts as not reaching it (a cosine never quite does).
 _PEAK_TOLERANCE = 0.01
-
-
-def warmup_held_at_start(block: dict | None) -> bool:
-    """Whether a DeepSpeed "scheduler" block is a warm-up schedule that starts one iteration in."""
-    return deepspeed_warmup_shift(block).steps_in > 0  # kept for callers not yet on deepspeed_warmup_shift
 
 
 def check_scheduler_block(block: Any) -> dict | None:
@@ -94,7 +89,7 @@ def scheduler_from_config(block: dict, optimizer: Any):
     params = block.get("params") or {}
     k = optimizer.num_groups
     converted, how = convert_steps_to_cycles(kind, params, k)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = is_main_process()
     if how and rank0:
         logger.info("HiFT: the %s schedule moves once per cycle of %d optimizer steps (one per group), so its step "
                     "counts are converted to cycles: %s", kind, k, "; ".join(f"{key}: {text}" for key, text in

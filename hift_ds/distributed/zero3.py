@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from hift_ds import atomic
 from hift_ds.distributed.zero12 import Collectives, GradReducer
 from hift_ds.optim.grads import hook_gradients
 from hift_ds.optim.sharding import Sharding
@@ -403,8 +404,7 @@ def attach_to_engine(engine: Any, optimizer: Any, zero: dict) -> None:
                 state = OrderedDict((k, v) for k, v in state.items() if k not in frozen)
             os.makedirs(save_dir, exist_ok=True)
             path = os.path.join(save_dir, save_filename)
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            atomic.write_file(path, lambda f: torch.save(state, f))
         if dist.is_initialized():
             dist.barrier()
         return True

@@ -9,10 +9,10 @@ it asks only after the engine has already stepped the scheduler).
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 import weakref
 
+from hift_ds.distributed import is_main_process
 from hift_ds.hf.checks import option_value
 from hift_ds.optim.optimizer import HiFTOptimizer
 from hift_ds.schedule import CycleLRScheduler, steps_to_cycles, trainer_warmup_shift
@@ -65,7 +65,7 @@ def trainer_schedule_in_cycles(args, optimizer: HiFTOptimizer, num_training_step
         warnings.simplefilter("ignore")
         for _ in range(shift.steps_in):
             inner.step()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         logger.info("HiFT: %s LR schedule advances once per cycle of %d steps: %d steps -> %d cycles, warm-up "
                     "%d steps -> %d cycles%s", option_value(args.lr_scheduler_type), k,
                     num_training_steps, total, warmup_steps, warmup,

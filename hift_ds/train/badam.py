@@ -59,7 +59,7 @@ def build_badam(model: nn.Module, ds_config: dict, order: str = "random", switch
     except ImportError:
         raise ValueError("--mode badam needs the badam package: pip install 'hift-ds[train]' "
                          "(or pip install badam)") from None
-    from hift_ds.deepspeed.engine import optimizer_from_config
+    from hift_ds.deepspeed.plan import optimizer_from_config
 
     if order not in BADAM_ORDERS:
         raise ValueError(f"BAdam block order {order!r} is not one of {BADAM_ORDERS}")
