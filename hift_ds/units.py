@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 
@@ -31,6 +32,25 @@ def param_numel(p: nn.Parameter) -> int:
 
 
 FROZEN_BY_HIFT = "_hift_frozen"  # set on parameters HiFT froze, so a new wrapper still trains them
+
+
+def freeze(params: list[nn.Parameter]) -> None:
+    """Freeze parameters HiFT trains group by group (marked, so a new wrapper still finds them trainable)."""
+    for p in params:
+        setattr(p, FROZEN_BY_HIFT, True)
+        p.requires_grad_(False)
+        p.grad = None
+
+
+def shared_device_and_dtype(params: list[nn.Parameter]) -> tuple[torch.device, torch.dtype]:
+    """The one device and float dtype every trainable parameter shares (ZeRO-3: of its partition)."""
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"HiFT needs every trainable parameter on one device, found {sorted(map(str, devices))}")
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"trainable parameters must share one float dtype, found {sorted(map(str, dtypes))}")
+    return devices.pop(), dtypes.pop()
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -129,6 +149,13 @@ def units_from_patterns(model: nn.Module, patterns: list[str]) -> list[Unit]:
     if empty:
         raise ValueError(f"units pattern(s) {empty} match no trainable parameter; remove or fix them")
     return units
+
+
+def model_groups(model: nn.Module, patterns: list[str] | None, group_size: int | None,
+                 num_groups: int | None) -> tuple[list[Unit], list[list[Unit]]]:
+    """The model's units (discovered, or one per name pattern) and their groups (``group_size`` 1 if neither is set)."""
+    units = units_from_patterns(model, patterns) if patterns is not None else discover_units(model)
+    return units, group_units(units, None if num_groups else group_size or 1, num_groups)
 
 
 def group_units(units: list[Unit], group_size: int | None = 1, num_groups: int | None = None) -> list[list[Unit]]:

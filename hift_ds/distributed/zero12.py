@@ -185,7 +185,8 @@ class Zero12Sharding(Sharding):
 
     always_flat = True
 
-    def __init__(self, stage: int, group=None, reduce_bucket_size: int = DEFAULT_BUCKET_NUMEL, overlap_comm: bool = True):
+    def __init__(self, stage: int, group=None, reduce_bucket_size: int = DEFAULT_BUCKET_NUMEL,
+                 overlap_comm: bool = True):
         if stage not in (1, 2):
             raise ValueError(f"Zero12Sharding is ZeRO stage 1 or 2, got {stage!r}")
         self.stage = stage
@@ -235,7 +236,7 @@ class Zero12Sharding(Sharding):
         self.grads.buf_device.zero_()
 
     def gradient(self, g: int) -> tuple[Tensor, list[Tensor], int]:
-        """This rank's shard of the gradient summed over the N ranks (stage 2: mostly during backward already), and N."""
+        """This rank's shard of the gradient summed over the N ranks (stage 2: mostly in backward already), and N."""
         self.grads.adopt(g)
         flat = self.reducer.finish(g)
         return flat, [flat], self.world

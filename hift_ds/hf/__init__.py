@@ -1,4 +1,4 @@
-"""HiFT inside the Hugging Face Trainer and TRL's SFTTrainer: ``Trainer(...)`` becomes ``HiFTTrainer(..., hift={...})``."""
+"""HiFT in the Hugging Face Trainer and TRL's SFTTrainer: ``Trainer(...)`` becomes ``HiFTTrainer(..., hift={...})``."""
 from hift_ds.hf.schedule import TrainerCycleLRScheduler
 from hift_ds.hf.trainer import HiFTTrainerMixin, with_hift
 
@@ -6,7 +6,7 @@ __all__ = ["HiFTTrainerMixin", "HiFTTrainer", "HiFTSFTTrainer", "with_hift", "Tr
 
 
 def __getattr__(name: str) -> type:
-    """``HiFTTrainer`` / ``HiFTSFTTrainer``, built on first use (importing this package needs neither transformers nor trl)."""
+    """``HiFTTrainer`` / ``HiFTSFTTrainer``, built on first use (this package imports neither transformers nor trl)."""
     from hift_ds.hf import trainer
 
     if name in ("HiFTTrainer", "HiFTSFTTrainer"):

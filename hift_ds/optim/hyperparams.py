@@ -63,6 +63,16 @@ def builtin_hyper(name: str, kwargs: dict) -> dict:
     return hyper
 
 
+def inner_optimizer(cls: type, groups: list[list[torch.nn.Parameter]], kwargs: dict, sharding, *, offload: str,
+                    masters: bool) -> torch.optim.Optimizer:
+    """A torch optimizer class run over the HiFT groups (one param group each): fp32, resident, unsharded."""
+    if offload != "none" or masters:
+        raise ValueError(f"offload and bf16/fp16 masters need a built-in optimizer ({sorted(kernels.DEFAULTS)}); "
+                         f"{cls.__name__} runs only in fp32 with offload 'none'")
+    sharding.bind(groups, flat=False, masters=False)
+    return cls([{"params": ps, "hift_group": i} for i, ps in enumerate(groups)], **kwargs)
+
+
 def resolve_offload(offload: str, device: torch.device, builtin: bool) -> str:
     """The offload device ``"auto"`` stands for: "cpu" for a built-in optimizer on CUDA, else "none"."""
     if offload not in OFFLOAD_DEVICES:

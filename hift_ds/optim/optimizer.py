@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from hift_ds import kernels
 from hift_ds.config import hift_settings
 from hift_ds.optim import state
-from hift_ds.optim.hyperparams import builtin_hyper, resolve_offload, resolve_optimizer
+from hift_ds.optim.hyperparams import builtin_hyper, inner_optimizer, resolve_offload, resolve_optimizer
 from hift_ds.optim.sharding import Sharding
-from hift_ds.optim.store import MASTER, GroupStore, first_module_of, start_copy_outs_before
-from hift_ds.optim.update import has_overflow, squared_norm, update_group
+from hift_ds.optim.store import MASTER, build_store, first_module_of, memory_report, start_copy_outs_before
+from hift_ds.optim.update import gradient_factor, inner_step, update_group
 from hift_ds.precision import DynamicLossScaler
 from hift_ds.schedule import GroupSchedule
-from hift_ds.units import FROZEN_BY_HIFT, discover_units, group_units, units_from_patterns
+from hift_ds.units import freeze, model_groups, shared_device_and_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +41,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise TypeError(f"HiFTOptimizer needs the model (an nn.Module), got {type(model).__name__}")
         # The same rules and messages as the "hift" block of a DeepSpeed config.
         hift_settings(group_size=group_size, num_groups=num_groups, strategy=strategy, seed=seed, units=units,
-                      offload=offload, pin_memory=pin_memory, prefetch=prefetch, offload_slots=offload_slots,
-                      kernel=kernel)
+                      kernel=kernel, offload=offload, pin_memory=pin_memory, prefetch=prefetch,
+                      offload_slots=offload_slots)
         if max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm}")
         self.name, self._inner_cls = resolve_optimizer(optimizer)
         self.sharding = sharding or Sharding()
         if self.sharding.stage and self.name is None:
-            raise ValueError(f"ZeRO stage {self.sharding.stage} needs a built-in optimizer ({sorted(kernels.DEFAULTS)})")
-        self.units = units_from_patterns(model, units) if units is not None else discover_units(model)
-        self._unit_groups = group_units(self.units, None if num_groups else group_size or 1, num_groups)
+            raise ValueError(f"ZeRO stage {self.sharding.stage} needs a built-in optimizer: {sorted(kernels.DEFAULTS)}")
+        self.units, self._unit_groups = model_groups(model, units, group_size, num_groups)
         self._names = [[n for u in g for n, _ in u.params] for g in self._unit_groups]
         self._params = [[p for u in g for _, p in u.params] for g in self._unit_groups]
-        self.device, self.model_dtype = _device_and_dtype([p for ps in self._params for p in ps])
-        requested, self.offload = offload, resolve_offload(offload, self.device, builtin=self.name is not None)
+        self.device, self.model_dtype = shared_device_and_dtype([p for ps in self._params for p in ps])
+        self.offload = resolve_offload(offload, self.device, builtin=self.name is not None)
         self.masters = self.model_dtype != torch.float32  # whether fp32 masters are kept (16-bit weights)
         self.schedule = GroupSchedule(len(self._params), strategy, seed)
-        self.scaler = loss_scaler if loss_scaler is not None or self.model_dtype != torch.float16 else \
-            DynamicLossScaler(hysteresis=1)
+        fp16 = self.model_dtype == torch.float16
+        self.scaler = loss_scaler or (DynamicLossScaler(hysteresis=1) if fp16 else None)
         self.prefetch, self.max_grad_norm = prefetch, float(max_grad_norm)
         self.skipped_steps, self.overflow = 0, False  # DeepSpeed reads overflow after each step
         self._global_grad_norm: float | None = None  # the active group's norm once clipping computes it
@@ -68,46 +67,24 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.backend = kernels.resolve_backend(kernel, self.device)
             super().__init__([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)], hyper)
             self.inner = None
-            self.store = self._build_store(model, hyper, pin_memory, offload_slots)
+            self.store = build_store(self.sharding, self._params, kernels.state_kinds(self.name, hyper),
+                                     flat=self.backend == "triton", masters=self.masters, offload=self.offload == "cpu",
+                                     pin_memory=pin_memory, slots=offload_slots)
+            self.sync_masters_from_model()
+            if self.store.offload and len(self.units) > 1:  # copies home wait for the first block (store.py: why)
+                start_copy_outs_before(first_module_of(model, self.units[1].params[0][1]), self.store)
         else:
-            if self.offload != "none" or self.masters:
-                raise ValueError(f"offload and bf16/fp16 masters need a built-in optimizer ({sorted(kernels.DEFAULTS)}"
-                                 f"); {optimizer.__name__} runs only in fp32 with offload 'none'")
             self.backend, self.store = "inner", None
-            self.sharding.bind(self._params, flat=False, masters=False)
-            self.inner = self._inner_cls([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)],
-                                         **optimizer_kwargs)
+            self.inner = inner_optimizer(self._inner_cls, self._params, optimizer_kwargs, self.sharding,
+                                         offload=self.offload, masters=self.masters)
             super().__init__(self.inner.param_groups, self.inner.defaults)
             self.param_groups = self.inner.param_groups  # one list: LR schedulers reach the inner optimizer
-        for p in (p for ps in self._params for p in ps):
-            setattr(p, FROZEN_BY_HIFT, True)
-            p.requires_grad_(False)
-            p.grad = None
+        freeze([p for ps in self._params for p in ps])
         self._activate(self.schedule.active)
-        chosen = f"{self.offload} (auto: model on {self.device.type})" if requested == "auto" else self.offload
-        chosen += ", pinned" if self.store is not None and self.store.pinned else ""
-        logger.info("HiFT: %d units in %d groups (%s), optimizer %s, backend %s, offload %s", len(self.units),
-                    self.num_groups, strategy, self.optimizer_name, self.backend, chosen)
-
-    def _build_store(self, model: nn.Module, hyper: dict, pin_memory: bool, slots: int) -> GroupStore:
-        """Lay the groups out for the update and build the store of their masters and state."""
-        self.sharding.bind(self._params, flat=self.backend == "triton" or self.sharding.always_flat,
-                           masters=self.masters)
-        if self.sharding.grads is not None and self.device.type == "cuda":
-            # The per-parameter storages the flat buffers replaced stay reserved by the caching
-            # allocator, and no later allocation (a group-sized buffer, activations) fits their
-            # sizes well: without this the reserved memory holds the weights twice.
-            torch.cuda.empty_cache()
-        store = GroupStore(self.sharding.store_numels, kernels.state_kinds(self.name, hyper), masters=self.masters,
-                           offload=self.offload == "cpu", device=self.device, pin_memory=pin_memory, slots=slots)
-        self.store = store
-        self.sync_masters_from_model()
-        if store.offload and len(self.units) > 1:
-            # Copies home start once a forward is past the model's input preparation (store.py: why).
-            trigger = first_module_of(model, self.units[1].params[0][1])
-            if trigger is not None:
-                start_copy_outs_before(trigger, store)
-        return store
+        logger.info("HiFT: %d units in %d groups (%s), optimizer %s, backend %s, offload %s%s%s", len(self.units),
+                    self.num_groups, strategy, self.optimizer_name, self.backend, self.offload,
+                    f" (auto: model on {self.device.type})" if offload == "auto" else "",
+                    ", pinned" if self.store is not None and self.store.pinned else "")
 
     # ---- read-only views -------------------------------------------------------------------
     @property
@@ -154,9 +131,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def sync_masters_from_model(self) -> None:
         """Set the fp32 masters from the model's bf16/fp16 weights (at start, and after these changed outside)."""
-        # DeepSpeed broadcasts rank 0's weights after the optimizer exists, and a module-only
-        # checkpoint load overwrites the weights: stale masters would undo either at the next step.
-        # One group at a time, so no full fp32 copy of the model is ever made.
+        # DeepSpeed broadcasts rank 0's weights after the optimizer exists, a module-only checkpoint load overwrites
+        # them: stale masters would undo either. One group at a time: no full fp32 copy of the model is ever made.
         if self.store is None or not self.masters:
             return
         self.store.invalidate()
@@ -165,18 +141,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self.prefetch:
             self.store.prefetch(self.active_group)
 
-    # ---- activation and gradients ------------------------------------------------------------
     def _activate(self, g: int) -> None:
         for p in self._params[g]:
             p.requires_grad_(True)
         self.sharding.activate(g)
         if self.store is not None and self.prefetch:
             self.store.prefetch(g)
-
-    def _deactivate(self, g: int) -> None:
-        for p in self._params[g]:
-            p.requires_grad_(False)
-            p.grad = None
 
     def reduce_in_next_backward(self, last_micro_batch: bool = True) -> None:
         """ZeRO-2: reduce the coming backward's gradients as produced (only on the last micro-batch)."""
@@ -191,7 +161,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.reduce_in_next_backward(last_micro_batch)
         (loss * self.loss_scale if self.scaler is not None else loss).backward()
 
-    # ---- the step ----------------------------------------------------------------------------
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update the active group, then freeze it and activate the next group of the schedule."""
         loss = None
@@ -201,33 +170,24 @@ class HiFTOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             g = self.active_group
             flat, grads, ranks = self.sharding.gradient(g)
-            inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
-            if ranks > 1:
-                inv_scale /= ranks  # the data-parallel mean of a sum over ranks
-            self.overflow, self._global_grad_norm = False, None
-            if self.scaler is not None:
-                bad = torch.tensor([float(has_overflow(flat, grads, self.backend))], device=self.device)
-                self.overflow = bool(self.sharding.all_reduce(bad, "max"))
+            # _global_grad_norm (the active group's, None without clipping) is read by DeepSpeed's engine.
+            inv_scale, self._global_grad_norm = gradient_factor(
+                self.sharding, flat, grads, loss_scale=self.scaler.scale if self.scaler is not None else None,
+                ranks=ranks, max_grad_norm=self.max_grad_norm, backend=self.backend, device=self.device)
+            self.overflow = inv_scale is None
             if self.overflow:  # skip, lower the scale, retry the same group on the next step
                 self.scaler.update(True)
                 self.skipped_steps += 1
                 self.zero_grad()
                 logger.warning("fp16 overflow: step skipped, loss scale now %g", self.scaler.scale)
                 return loss
-            if self.max_grad_norm > 0:  # clip by the active group's norm, folded into the unscale factor
-                norm = float(self.sharding.all_reduce(squared_norm(flat, grads), "sum")) ** 0.5 * inv_scale
-                self._global_grad_norm = norm  # read by DeepSpeed's engine (get_global_grad_norm)
-                if norm > self.max_grad_norm:
-                    inv_scale *= self.max_grad_norm / (norm + 1e-6)
             if self.inner is not None:
-                for gr in grads if inv_scale != 1.0 else ():
-                    gr.mul_(inv_scale)
-                self.inner.step()
+                inner_step(self.inner, grads, inv_scale)
             else:
                 self._update(g, flat, grads, inv_scale)
             if self.scaler is not None:
                 self.scaler.update(False)
-            self._deactivate(g)
+            freeze(self._params[g])
             self.schedule.advance()
             self._activate(self.active_group)
         return loss
@@ -251,13 +211,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Restore ``state_dict()``; the model and grouping must match the saved run."""
         self.checkpoint_event_prologue()
         state.check_state(self, state_dict)  # before anything is changed
-        self._deactivate(self.active_group)
-        state.load_buffers(self, state_dict)
-        self.group_steps = state.saved_steps(state_dict)
-        self.skipped_steps = state_dict["hift"]["skipped_steps"]
-        self.schedule.load_state_dict(state_dict["hift"]["schedule"])
-        if self.scaler is not None and state_dict.get("loss_scaler"):
-            self.scaler.load_state_dict(state_dict["loss_scaler"])
+        freeze(self._params[self.active_group])
+        state.load_state(self, state_dict)
         self._activate(self.active_group)
         self.checkpoint_event_epilogue()
 
@@ -271,24 +226,5 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def memory_report(self) -> dict[str, int]:
         """Bytes by category: model weights, gradients, masters+state on device and on host."""
-        report = self.sharding.memory_bytes()
-        if self.store is not None:
-            loc = self.store.bytes_by_location()
-            report.update(state_device=loc["device"], state_host_pinned=loc["host_pinned"],
-                          state_host_pageable=loc["host_pageable"])
-        else:
-            report.update(state_device=sum(t.numel() * t.element_size() for s in self.inner.state.values()
-                                           for t in s.values() if torch.is_tensor(t)),
-                          state_host_pinned=0, state_host_pageable=0)
-        return report
+        return memory_report(self.sharding, self.store, self.inner)
 
-
-def _device_and_dtype(params: list[nn.Parameter]) -> tuple[torch.device, torch.dtype]:
-    """The one device and float dtype every trainable parameter shares (ZeRO-3: of its partition)."""
-    devices = {p.device for p in params}
-    if len(devices) != 1:
-        raise ValueError(f"HiFT needs every trainable parameter on one device, found {sorted(map(str, devices))}")
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"trainable parameters must share one float dtype, found {sorted(map(str, dtypes))}")
-    return devices.pop(), dtypes.pop()

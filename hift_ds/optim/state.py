@@ -50,6 +50,17 @@ def check_state(opt: "HiFTOptimizer", state_dict: dict) -> None:
     opt.schedule.check_state_dict(meta["schedule"])
 
 
+def load_state(opt: "HiFTOptimizer", state_dict: dict) -> None:
+    """Everything ``save_state`` saved, into an optimizer whose active group is deactivated (``check_state`` passed)."""
+    load_buffers(opt, state_dict)
+    meta = state_dict["hift"]
+    opt.group_steps = [max(s, default=0) for s in meta["steps"]]  # every parameter of a group shares the count
+    opt.skipped_steps = meta["skipped_steps"]
+    opt.schedule.load_state_dict(meta["schedule"])
+    if opt.scaler is not None and state_dict.get("loss_scaler"):
+        opt.scaler.load_state_dict(state_dict["loss_scaler"])
+
+
 def load_buffers(opt: "HiFTOptimizer", state_dict: dict) -> None:
     """Hyper-parameters, masters and state (or the inner optimizer's state) and the weights from the masters."""
     for pg, saved in zip(opt.param_groups, state_dict["param_groups"]):
@@ -66,7 +77,3 @@ def load_buffers(opt: "HiFTOptimizer", state_dict: dict) -> None:
             buf.copy_(opt.sharding.shard_of(g, saved[k]))
         opt.sharding.load_weights(g, saved)
 
-
-def saved_steps(state_dict: dict) -> list[int]:
-    """Each group's update count (every parameter of a group shares it)."""
-    return [max(s, default=0) for s in state_dict["hift"]["steps"]]

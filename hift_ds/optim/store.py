@@ -195,8 +195,10 @@ class GroupStore:
                 "host_pageable": 0 if self.pinned else home}
 
 
-def start_copy_outs_before(module: nn.Module, store: GroupStore) -> RemovableHandle:
-    """Start ``store``'s released copy-outs whenever ``module`` is about to run forward (a pre-hook)."""
+def start_copy_outs_before(module: nn.Module | None, store: GroupStore) -> RemovableHandle | None:
+    """Start ``store``'s released copy-outs whenever ``module`` is about to run forward (a pre-hook; or no hook)."""
+    if module is None:  # copies home then start at release
+        return None
     ref = weakref.ref(store)  # the hook must not keep the store (and its pinned memory) alive
 
     def pre_hook(_module: nn.Module, _args: tuple) -> None:
@@ -213,3 +215,31 @@ def start_copy_outs_before(module: nn.Module, store: GroupStore) -> RemovableHan
 def first_module_of(model: nn.Module, param: nn.Parameter) -> nn.Module | None:
     """The module that holds ``param`` directly (not through a child), or None."""
     return next((m for m in model.modules() if any(q is param for q in m.parameters(recurse=False))), None)
+
+
+def build_store(sharding, groups: list[list[nn.Parameter]], kinds: dict[str, float], *, flat: bool, masters: bool,
+                offload: bool, pin_memory: bool, slots: int) -> GroupStore:
+    """Lay ``groups`` out for the update (``sharding``; flat if asked or sharded) and allocate their masters, state."""
+    sharding.bind(groups, flat=flat or sharding.always_flat, masters=masters)
+    device = groups[0][0].device
+    if sharding.grads is not None and device.type == "cuda":
+        # The per-parameter storages the flat buffers replaced stay reserved by the caching
+        # allocator, and no later allocation (a group-sized buffer, activations) fits their
+        # sizes well: without this the reserved memory holds the weights twice.
+        torch.cuda.empty_cache()
+    return GroupStore(sharding.store_numels, kinds, masters=masters, offload=offload, device=device,
+                      pin_memory=pin_memory, slots=slots)
+
+
+def memory_report(sharding, store: GroupStore | None, inner: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Bytes by category: model weights and gradients (``sharding``), masters+state on device and on host."""
+    report = sharding.memory_bytes()
+    if store is not None:
+        loc = store.bytes_by_location()
+        report.update(state_device=loc["device"], state_host_pinned=loc["host_pinned"],
+                      state_host_pageable=loc["host_pageable"])
+    else:
+        report.update(state_device=sum(t.numel() * t.element_size() for s in inner.state.values()
+                                       for t in s.values() if torch.is_tensor(t)),
+                      state_host_pinned=0, state_host_pageable=0)
+    return report
