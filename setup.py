@@ -51,7 +51,8 @@ setup(
         "hf": HF_EXTRA,
         "train": TRAIN_EXTRA,
         # the tests run launch/train.py's embedded jobs, so they need the train extra too
-        "test": ["pytest>=8", *TRAIN_EXTRA, *HF_EXTRA, "peft>=0.21"],
+        # import-linter: the layered-imports contract of pyproject.toml (tests/test_layers.py)
+        "test": ["pytest>=8", *TRAIN_EXTRA, *HF_EXTRA, "peft>=0.21", "import-linter>=2.1"],
         # the torchao-offload set-ups of the benchmarks (CUDA only; no runtime dependencies of its own)
         "bench": ["torchao"],
         # tests/mutation/run.py (not part of CI); it reads mutmut 3's config keys and result files

@@ -35,6 +35,7 @@ from hift_ds.profile.setups import SETUPS, Built, Options
 
 DTYPES = setups.DTYPES
 GIB = 2 ** 30
+HERE = os.path.dirname(os.path.abspath(__file__))  # a child process imports this folder's modules by name
 MODES = SETUPS  # every set-up of the registry is a benchmark mode
 
 
@@ -153,9 +154,9 @@ def failed_row(mode: str, args: argparse.Namespace, error: str | None, status: s
 # ---- every mode in its own process -----------------------------------------------------------
 def run_modes_in_subprocesses(modes: Sequence[str], args: argparse.Namespace, verbose: bool = True,
                               worker_fn: str | None = None) -> list[dict]:
-    """Each mode in a fresh process (clean device memory) running ``worker_fn`` ("file.py:function",
-    default this file's ``worker``); their rows."""
-    target = worker_fn or f"{os.path.abspath(__file__)}:worker"
+    """Each mode in a fresh process (clean device memory) running ``worker_fn`` ("module:function" of a module in
+    benchmarks/, default this file's ``worker``); their rows."""
+    target = worker_fn or "harness:worker"
     spec = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     rows = []
     for mode in modes:
@@ -163,7 +164,7 @@ def run_modes_in_subprocesses(modes: Sequence[str], args: argparse.Namespace, ve
         if reason:  # known in advance: no process needed
             rows.append(failed_row(mode, args, reason, "skipped"))
         else:
-            res = setups.run_isolated(target, {"mode": mode, "args": spec}, args.timeout)
+            res = setups.run_isolated(target, {"mode": mode, "args": spec}, args.timeout, path=[HERE])
             rows.append(res["row"] if res["status"] == "ok" else failed_row(mode, args, res["error"], res["status"]))
         if verbose:
             r = rows[-1]

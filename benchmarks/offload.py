@@ -167,7 +167,7 @@ def headline(args: argparse.Namespace) -> dict:
     Each row is printed as soon as it is measured (a run cut short by a time limit keeps what it printed)."""
     if not torch.cuda.is_available():
         return {"skipped": "needs CUDA; the LLaMA-2-7B shape runs on a GPU", "rows": []}
-    res = setups.run_isolated(f"{Path(__file__).resolve()}:measure_bandwidth", {"gib": 1.0}, args.timeout)
+    res = setups.run_isolated("offload:measure_bandwidth", {"gib": 1.0}, args.timeout, path=[harness.HERE])
     bw = res.get("row") or {}
     result = {"cap_gib": args.headline_cap_gib, "bandwidth": bw or {"skipped": res.get("error")}, "rows": []}
     print(format_headline(result), flush=True)
@@ -181,7 +181,7 @@ def headline(args: argparse.Namespace) -> dict:
             hargs = harness.with_overrides(args, model="llama-7b", dtype="bf16", batch_size=bsz, seq_len=512,
                                            steps=args.headline_steps, warmup=2, sync_steps=2, trace=args.trace,
                                            gradient_checkpointing=ckpt, max_memory_gib=cap)
-            r, = harness.run_modes_in_subprocesses([mode], hargs, worker_fn=f"{Path(__file__).resolve()}:bench_worker",
+            r, = harness.run_modes_in_subprocesses([mode], hargs, worker_fn="offload:bench_worker",
                                                    verbose=False)
             if mode == "hift-triton":
                 resident = r if r["status"] == "ok" else None
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.paired:
         return run_paired(args, sys.argv[1:] if argv is None else argv)
-    worker = f"{Path(__file__).resolve()}:bench_worker"
+    worker = "offload:bench_worker"
     modes = [m for m in args.modes.split(",") if m]
     rows, checks, trace_summary = [], [], None
     if not args.headline_only:

@@ -164,7 +164,7 @@ def test_headline_prints_each_row_as_measured(monkeypatch, capsys):
     """A headline cut short by a time limit keeps the rows it printed; the bound uses the resident compute."""
     from hift_ds.profile import setups
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(setups, "run_isolated", lambda *a: {"status": "ok", "row": {
+    monkeypatch.setattr(setups, "run_isolated", lambda *a, **kw: {"status": "ok", "row": {
         "h2d_gbps": 40.0, "d2h_gbps": 50.0, "both_gbps_each_way": 30.0}})
     step = {"hift-triton": 70.0, "hift-offload-triton": 120.0, "hift-offload-triton-1slot": 150.0}
 
@@ -389,7 +389,7 @@ def test_isolated_run_reports_out_of_memory_skips_and_crashes_as_rows(tmp_path):
                    "def skip(p): raise setups.Skip('needs CUDA (no GPU here)')\n"
                    "def crash(p): os._exit(3)\n"
                    "def ok(p): return {'twice': 2 * p['x']}\n")
-    run = lambda fn, **kw: setups.run_isolated(f"{mod}:{fn}", {"x": 21}, 120, **kw)  # noqa: E731
+    run = lambda fn, **kw: setups.run_isolated(f"targets:{fn}", {"x": 21}, 120, path=[str(tmp_path)], **kw)  # noqa: E731
     assert run("ok") == {"status": "ok", "row": {"twice": 42}}
     assert run("oom") == {"status": "failed", "error": "CUDA out of memory: CUDA out of memory. Tried to allocate "
                                                        "2.00 GiB"}

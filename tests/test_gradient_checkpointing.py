@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import batch, tiny_llama
 from hift_ds import HiFTOptimizer, train
-from hift_ds.profile.presets import enable_gradient_checkpointing
+from hift_ds.activations import enable_gradient_checkpointing
 from hift_ds.profile import SavedTensorMeter
 from tinymodel import instruction_jsonl, make_causal_lm
 

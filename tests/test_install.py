@@ -84,13 +84,12 @@ def test_set_ups_run_in_a_fresh_process_see_hugging_faces_kernels(tmp_path):
     """The profiler and the benchmarks run each set-up in a child process with the checkout on PYTHONPATH."""
     from hift_ds.profile import setups
 
-    target = tmp_path / "probe.py"
-    target.write_text("import importlib.util\n"
+    (tmp_path / "probe.py").write_text("import importlib.util\n"
                       "def where(payload):\n"
                       "    spec = importlib.util.find_spec('kernels')\n"
                       "    import hift_ds.kernels\n"
                       "    return {'kernels': spec.origin if spec else None, 'hift_kernels': hift_ds.kernels.__file__}\n")
-    result = setups.run_isolated(f"{target}:where", {}, timeout=120)
+    result = setups.run_isolated("probe:where", {}, timeout=120, path=[str(tmp_path)])
     assert result["status"] == "ok", result
     found = result["row"]
     assert Path(found["hift_kernels"]).resolve().parent == ROOT / "hift_ds" / "kernels"

@@ -35,22 +35,6 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | tor
     return model.to(device)
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in backward (Hugging Face gradient checkpointing); a clear error if unsupported."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; drop "
-                         "--gradient-checkpointing")
-    # Non-reentrant: the reentrant variant needs an input that requires grad at every checkpoint, and HiFT
-    # freezes everything below the active group (the embeddings too, most of the time).
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False  # a KV cache is incompatible with recomputation in training
-
-
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, step: int, device="cpu") -> torch.Tensor:
     """Token ids for ``step``, the same in every mode and process (seeded by the step)."""
     g = torch.Generator().manual_seed(10_000 + step)

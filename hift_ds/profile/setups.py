@@ -36,7 +36,7 @@ import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -329,7 +329,8 @@ def cap_device_memory(gib: float | None, dev: torch.device) -> None:
 
 def build(name: str, o: Options, dev: torch.device) -> Built:
     """Build the model (memory cap, dtype, checkpointing as ``o`` says) and set-up ``name`` around it."""
-    from hift_ds.profile.presets import build_model, enable_gradient_checkpointing
+    from hift_ds.activations import enable_gradient_checkpointing
+    from hift_ds.profile.presets import build_model
 
     reason = skip_reason(name)
     if reason:
@@ -378,16 +379,18 @@ def _installed(package: str) -> bool:
 
 
 # ---- one function in a fresh process -----------------------------------------------------------
-def run_isolated(target: str, payload: dict, timeout: float, log: Path | None = None) -> dict:
-    """Call ``target(payload)`` ("module:function" or "path/file.py:function") in a fresh Python process.
+def run_isolated(target: str, payload: dict, timeout: float, log: Path | None = None,
+                 path: Sequence[str] = ()) -> dict:
+    """Call ``target(payload)`` ("module:function") in a fresh Python process, with ``path`` first on its sys.path.
 
     Returns ``{"status": "ok", "row": <its return value>}`` or ``{"status": "skipped" | "failed",
     "error": <one line>}``; the child's output goes to ``log`` (or is captured for the error line).
     """
     env = dict(os.environ)
-    # A source checkout works without installing: the child imports hift_ds from the same tree.
+    # A source checkout works without installing: the child imports hift_ds from the same tree, after the
+    # caller's own folders (a script's modules are found as when it runs).
     root = str(Path(__file__).resolve().parents[2])  # the folder holding hift_ds/, never a folder inside it
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, path), root, *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "hift_ds.profile.setups", target, json.dumps(payload), str(result)]
@@ -412,15 +415,7 @@ def run_isolated(target: str, payload: dict, timeout: float, log: Path | None = 
 
 def _resolve(target: str) -> Callable[[dict], Any]:
     where, _, func = target.rpartition(":")
-    if where.endswith(".py"):  # a script (benchmarks/): its own folder first, as when it runs as a script
-        sys.path.insert(0, os.path.dirname(os.path.abspath(where)))
-        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    return getattr(module, func)
+    return getattr(importlib.import_module(where), func)
 
 
 def _child_main(argv: list[str]) -> int:

@@ -97,7 +97,7 @@ def prepare_data(args: argparse.Namespace) -> Job:
     zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
     tok, model = load_model(model_path, task, len(labels), zero3_config=ds_file if zero3 else None)
     if args.gradient_checkpointing:
-        from hift_ds.profile.presets import enable_gradient_checkpointing
+        from hift_ds.activations import enable_gradient_checkpointing
         enable_gradient_checkpointing(model)
     D.check_max_length(args.max_length, tok, model.config)
     eval_path = args.eval_data or data_path
