@@ -267,3 +267,20 @@ def test_engine_fp16_overflow_at_a_cycle_end_retries_like_a_clean_run_and_holds_
         assert all(torch.equal(p, q) for p, q in zip(mine["params"], theirs["params"])), f"applied step {i} differs"
     lrs = [a["lr"] for a in attempts]
     assert lrs[:k] == [lrs[0]] * k and lrs[k:] == [lrs[k]] * k and 0 < lrs[0] < lrs[k]
+
+
+def test_overflow_check_runs_on_the_kernel_the_user_chose(monkeypatch):
+    """kernel "torch" means no Triton, the fp16 overflow check included (it used Triton on CUDA regardless)."""
+    from hift_ds import kernels
+    from hift_ds.optim import update
+
+    asked = []
+    monkeypatch.setattr(kernels, "has_inf_or_nan_flat", lambda grad, backend: asked.append(backend) or False)
+
+    class OnCuda:  # a flat gradient that says it lives on a GPU; the check itself is stubbed
+        is_cuda = True
+
+    assert update.has_overflow(OnCuda(), [], "torch") is False
+    assert update.has_overflow(OnCuda(), [], "triton") is False
+    assert update.has_overflow(torch.zeros(3), [], "triton") is False  # a CPU tensor: never Triton
+    assert asked == ["torch", "triton", "torch"]
