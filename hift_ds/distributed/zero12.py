@@ -180,18 +180,57 @@ class GradReducer:
         self.handles.clear()
 
 
-class Zero12Sharding(Sharding):
-    """ZeRO-1/2: each rank updates its 1/N of the active group's masters and state, then all-gathers the weights."""
+class RankSharding(Sharding):
+    """What every ZeRO stage shares: each rank keeps one shard of a group, reduced gradients, whole-group checkpoints.
+
+    A subclass's ``bind`` sets ``layouts`` (per group: where this rank's shard sits), ``grad_buf_device``
+    (the group's gradients before the reduce-scatter) and ``reducer``.
+    """
 
     always_flat = True
+
+    def __init__(self, group=None):
+        self.comm = Collectives(group)
+        self.world, self.rank = self.comm.world, self.comm.rank
+
+    @property
+    def store_numels(self) -> list[int]:
+        """Elements of each group's shard on this rank."""
+        return [lay.shard_numel for lay in self.layouts]
+
+    def zero_grad(self, g: int, set_to_none: bool) -> None:
+        """Wait for any reduction still reading the gradient buffer, then zero it."""
+        self.reducer.wait()
+        self.grad_buf_device.zero_()
+
+    def all_reduce(self, t: Tensor, op: str) -> float:
+        """``t`` summed or maxed over the ranks."""
+        self.comm.all_reduce(t, op)
+        return float(t)
+
+    def split(self, g: int, flat: Tensor) -> list[Tensor]:
+        """A shard is updated as one tensor."""
+        return [flat]
+
+    def checkpoint_state(self, home: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Whole groups, unpadded, assembled from every rank's shard: a checkpoint resumes on any rank count."""
+        return [{k: lay.gather_full(self.comm, buf, self.grad_buf_device.device) for k, buf in bufs.items()}
+                for bufs, lay in zip(home, self.layouts)]
+
+    def shard_of(self, g: int, full: Tensor) -> Tensor:
+        """This rank's shard of a whole group buffer."""
+        return self.layouts[g].shard_of(full.reshape(-1))
+
+
+class Zero12Sharding(RankSharding):
+    """ZeRO-1/2: each rank updates its 1/N of the active group's masters and state, then all-gathers the weights."""
 
     def __init__(self, stage: int, group=None, reduce_bucket_size: int = DEFAULT_BUCKET_NUMEL,
                  overlap_comm: bool = True):
         if stage not in (1, 2):
             raise ValueError(f"Zero12Sharding is ZeRO stage 1 or 2, got {stage!r}")
+        super().__init__(group)
         self.stage = stage
-        self.comm = Collectives(group)
-        self.world, self.rank = self.comm.world, self.comm.rank
         self.overlap = stage == 2 and overlap_comm  # stage 2: reduce buckets during backward
         self.bucket_numel = reduce_bucket_size if self.overlap else None
 
@@ -203,17 +242,13 @@ class Zero12Sharding(Sharding):
         self.weights_device = [flatten_weights(ps, lay.padded) for ps, lay in zip(groups, self.layouts)]
         like = groups[0][0]
         self.grads = FlatGrads(groups, max(lay.padded for lay in self.layouts), like.dtype, like.device)
+        self.grad_buf_device = self.grads.buf_device
         shard = max(lay.shard_numel for lay in self.layouts)
         # This rank's summed gradient and updated weights, one shard of a group each.
         self.grad_shard_device = torch.zeros(shard, dtype=like.dtype, device=like.device)
         self.weight_shard_device = torch.zeros(shard, dtype=like.dtype, device=like.device)
         self.reducer = GradReducer(self.comm, groups, self.layouts, self.grads.buf_device, self.grad_shard_device)
         hook_gradients(self, [p for ps in groups for p in ps], Zero12Sharding._on_grad)
-
-    @property
-    def store_numels(self) -> list[int]:
-        """Elements of each group's shard."""
-        return [lay.shard_numel for lay in self.layouts]
 
     def masters_from_model(self, g: int) -> Tensor:
         """This rank's shard of group ``g``'s weights, in fp32."""
@@ -230,25 +265,11 @@ class Zero12Sharding(Sharding):
         if self.overlap and last_micro_batch:
             self.reducer.arm(g)
 
-    def zero_grad(self, g: int, set_to_none: bool) -> None:
-        """Wait for any reduction still reading the buffer, then zero it."""
-        self.reducer.wait()
-        self.grads.buf_device.zero_()
-
     def gradient(self, g: int) -> tuple[Tensor, list[Tensor], int]:
         """This rank's shard of the gradient summed over the N ranks (stage 2: mostly in backward already), and N."""
         self.grads.adopt(g)
         flat = self.reducer.finish(g)
         return flat, [flat], self.world
-
-    def all_reduce(self, t: Tensor, op: str) -> float:
-        """``t`` summed or maxed over the ranks."""
-        self.comm.all_reduce(t, op)
-        return float(t)
-
-    def split(self, g: int, flat: Tensor) -> list[Tensor]:
-        """A shard is updated as one tensor."""
-        return [flat]
 
     def update_weights(self, g: int) -> Tensor:
         """A scratch shard the update writes; in fp32 it first holds this rank's weights, which the update reads."""
@@ -263,16 +284,6 @@ class Zero12Sharding(Sharding):
         lay = self.layouts[g]
         for b in range(lay.buckets):
             self.comm.all_gather(self.weights_device[g][lay.bucket(b)], weights[lay.shard_chunk(b)])
-
-    def checkpoint_state(self, home: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Whole groups, unpadded, assembled from every rank's shard: a checkpoint resumes on any rank count."""
-        device = self.grads.buf_device.device
-        return [{k: lay.gather_full(self.comm, buf, device) for k, buf in bufs.items()}
-                for bufs, lay in zip(home, self.layouts)]
-
-    def shard_of(self, g: int, full: Tensor) -> Tensor:
-        """This rank's shard of a whole group buffer."""
-        return self.layouts[g].shard_of(full.reshape(-1))
 
     def memory_bytes(self) -> dict[str, int]:
         """As at stage 0, plus the scratch weight shard and the gradient shard."""

@@ -38,9 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from hift_ds import atomic
-from hift_ds.distributed.zero12 import Collectives, GradReducer
+from hift_ds.distributed.zero12 import Collectives, GradReducer, RankSharding
 from hift_ds.optim.grads import hook_gradients
-from hift_ds.optim.sharding import Sharding
 from hift_ds.optim.store import MASTER
 from hift_ds.precision import cast_parameters
 
@@ -208,16 +207,14 @@ class PartitionLayout:
                           for n, c, o in zip(self.numels, self.parts, self.offsets)]).cpu()
 
 
-class Zero3Sharding(Sharding):
+class Zero3Sharding(RankSharding):
     """ZeRO-3: updates this rank's DeepSpeed partitions of the active group, its masters and state sharded alike."""
 
     stage = 3
-    always_flat = True
 
     def __init__(self, param_fetcher: Any, group=None):
+        super().__init__(group)
         self.fetcher = param_fetcher  # DeepSpeedZeRoOffload: releases and re-gathers around the update
-        self.comm = Collectives(group)
-        self.world, self.rank = self.comm.world, self.comm.rank
 
     def bind(self, groups: list[list[nn.Parameter]], flat: bool, masters: bool) -> None:
         """Each group's DeepSpeed partitions on this rank moved into one flat buffer (the update's target)."""
@@ -251,11 +248,6 @@ class Zero3Sharding(Sharding):
         self.reducer = GradReducer(self.comm, groups, self.layouts, self.grad_buf_device, self.grad_shard_device)
         hook_gradients(self, params, Zero3Sharding._on_grad)
 
-    @property
-    def store_numels(self) -> list[int]:
-        """Elements of this rank's partitions of each group."""
-        return [lay.shard_numel for lay in self.layouts]
-
     def masters_from_model(self, g: int) -> Tensor:
         """This rank's partitions of group ``g``, in fp32."""
         return self.weights_device[g].float()
@@ -273,11 +265,6 @@ class Zero3Sharding(Sharding):
         self.layouts[g].add_grad(self.grad_buf_device, i, p.grad)
         p.grad = None
 
-    def zero_grad(self, g: int, set_to_none: bool) -> None:
-        """Wait for any reduction still reading the buffer, then zero it."""
-        self.reducer.wait()
-        self.grad_buf_device.zero_()
-
     def gradient(self, g: int) -> tuple[Tensor, list[Tensor], int]:
         """This rank's partitions of the gradient summed over the N ranks, and N."""
         # Weights left gathered by forward/backward would be stale after the update (DeepSpeed's
@@ -285,15 +272,6 @@ class Zero3Sharding(Sharding):
         self.before_checkpoint()
         flat = self.reducer.finish(g)
         return flat, [flat], self.world
-
-    def all_reduce(self, t: Tensor, op: str) -> float:
-        """``t`` summed or maxed over the ranks."""
-        self.comm.all_reduce(t, op)
-        return float(t)
-
-    def split(self, g: int, flat: Tensor) -> list[Tensor]:
-        """A shard is updated as one tensor."""
-        return [flat]
 
     def update_weights(self, g: int) -> Tensor:
         """DeepSpeed's partitions themselves (``ds_tensor`` views)."""
@@ -323,17 +301,11 @@ class Zero3Sharding(Sharding):
     def checkpoint_state(self, home: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Whole groups from every rank's partitions; without masters (fp32) the weights too: the module state
         holds empty partitions."""
-        device = self.grad_buf_device.device
-        out = [{k: lay.gather_full(self.comm, buf, device) for k, buf in bufs.items()}
-               for bufs, lay in zip(home, self.layouts)]
+        out = super().checkpoint_state(home)
         if not self.masters:
             for st, w, lay in zip(out, self.weights_device, self.layouts):
-                st[WEIGHT] = lay.gather_full(self.comm, w, device)
+                st[WEIGHT] = lay.gather_full(self.comm, w, self.grad_buf_device.device)
         return out
-
-    def shard_of(self, g: int, full: Tensor) -> Tensor:
-        """This rank's partitions of a whole group buffer."""
-        return self.layouts[g].shard_of(full)
 
     def load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
         """This rank's partitions of group ``g`` from the checkpoint's masters (or fp32 weights)."""
