@@ -92,3 +92,47 @@ def test_write_dir_that_fails_leaves_the_old_folder_and_no_temporary(tmp_path):
         atomic.write_dir(str(out), fail, replace=True)
     assert (out / "config.json").read_text() == "old" and _listing(tmp_path) == ["model"]
 
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["exchange", "aside"])
+def test_replace_swaps_the_folders_without_a_moment_with_none(tmp_path, monkeypatch, swap):
+    """Every rename leaves a folder at the target: swapped in one step, or the old one renamed aside first."""
+    out = tmp_path / "model"
+    atomic.write_dir(str(out), _folder({"config.json": "old"}))
+    if not swap:
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # a kernel or filesystem that cannot swap
+    seen, rename = [], os.rename
+
+    def watching(a, b):
+        rename(a, b)
+        seen.append(out.exists() or (tmp_path / f"model{atomic.ASIDE}").exists())
+    monkeypatch.setattr(os, "rename", watching)
+    atomic.write_dir(str(out), _folder({"config.json": "new"}), replace=True)
+    assert (out / "config.json").read_text() == "new" and _listing(tmp_path) == ["model"]
+    assert all(seen) and len(seen) == (0 if swap else 2)
+
+
+def test_recover_dir_finishes_what_a_kill_interrupted(tmp_path):
+    out, aside = tmp_path / "model", tmp_path / f"model{atomic.ASIDE}"
+    _folder({"config.json": "old"})(str(aside))  # killed between renaming the old folder aside and the new one in
+    _folder({"config.json": "new"})(str(tmp_path / "model.tmp999999999"))  # that writer's half-moved folder
+    atomic.recover_dir(str(out))
+    assert (out / "config.json").read_text() == "old" and _listing(tmp_path) == ["model"]
+    _folder({"config.json": "older"})(str(aside))  # killed after the new folder moved in: the old one goes
+    atomic.recover_dir(str(out))
+    assert (out / "config.json").read_text() == "old" and _listing(tmp_path) == ["model"]
+    mine = tmp_path / f"model.tmp{os.getpid()}"
+    mine.mkdir()  # a live writer's temporary folder is left alone
+    atomic.recover_dir(str(out))
+    assert mine.exists()
+
+
+def test_exchange_swaps_two_names_where_the_system_can(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.write_text("file")
+    if not atomic.exchange(str(a), str(b)):
+        pytest.skip("this kernel or filesystem cannot swap names (renameat2 RENAME_EXCHANGE)")
+    assert a.read_text() == "file" and b.is_dir()
+    with pytest.raises(FileNotFoundError):
+        atomic.exchange(str(a), str(tmp_path / "missing"))

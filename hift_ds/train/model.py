@@ -38,7 +38,7 @@ def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None 
 
 def save_final(model, tok, final: str, state_dict: dict | None = None) -> None:
     """``save_pretrained`` of model and tokenizer into ``final`` (``state_dict``: the whole weights under ZeRO-3)."""
-    # Written under a temporary name, then renamed; replace=True deletes an older final/ first, so a
-    # kill between the deletion and the rename leaves no final/ (the rename cannot replace a folder).
+    # Written under a temporary name, then swapped with an older final/ in one step (atomic.write_dir):
+    # a kill at any point leaves the old model or the new one at final/, never none.
     atomic.write_dir(final, lambda tmp: (model.save_pretrained(tmp, state_dict=state_dict), tok.save_pretrained(tmp)),
                      replace=True)
