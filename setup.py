@@ -20,6 +20,8 @@ TRAIN_EXTRA = [
     "pyyaml",
     "gguf",
     "accelerate",
+    # the checksums of checkpoint manifests (XXH3-128; without it hift_ds.train falls back to SHA-256, 4x slower)
+    "xxhash",
     # --mode badam and the BAdam baseline of the benchmarks and the profiler (pure Python, no dependencies)
     "badam",
 ]

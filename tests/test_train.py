@@ -159,7 +159,7 @@ def test_sigkill_during_checkpoint_then_resume_matches_uninterrupted(assets, tmp
     killed = _run(["8", *common, "--output-dir", str(b)], script=os.path.join(ROOT, "tests", "_kill_in_save.py"))
     assert killed.returncode == -signal.SIGKILL
     assert (b / "checkpoints" / "latest").read_text() == "step4"  # the torn step-8 save is not pointed to
-    assert (b / "checkpoints" / "step8").exists()
+    assert (b / "checkpoints" / "step8").exists() and not (b / "checkpoints" / "step8" / "manifest.json").exists()
     resumed = _run([*common, "--output-dir", str(b), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
@@ -249,22 +249,6 @@ def test_zero_like_overrides_are_applied_not_ignored():
     cfg = train.build_config(args, 80, 1)
     assert cfg["train_micro_batch_size_per_gpu"] == 1 and cfg["hift"]["group_size"] == 1
     assert cfg["hift"]["strategy"] == "top2down" and cfg["_total_steps"] == 40  # --max-steps 0: epochs decide
-
-
-def test_resume_from_a_missing_checkpoint_names_it(assets, tmp_path):
-    ckpt = tmp_path / "run" / "checkpoints"
-    (ckpt / "step4").mkdir(parents=True)
-    (ckpt / "step4" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    (ckpt / "latest").write_text("step8")
-    args = ["--model", assets["model"], "--data", assets["data"], "--output-dir", str(tmp_path / "run"), "--resume",
-            *FAST]
-    with pytest.raises(ValueError, match=r"points to checkpoint 'step8', but .*step8 does not exist; "
-                                         r"checkpoints in .*: \['step4'\]"):
-        train.main(args)
-    (ckpt / "step8").mkdir()  # a directory without the model states DeepSpeed needs
-    with pytest.raises(ValueError, match=r"step8 holds no model states; checkpoints in .*: \['step4', 'step8'\]"):
-        train.main(args)
-    assert checkpoints.latest_tag(str(tmp_path)) is None  # no "latest" yet: --resume starts fresh
 
 
 def test_rng_state_includes_cuda_generators_when_cuda_is_there(monkeypatch, caplog):

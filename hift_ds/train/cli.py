@@ -76,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_at_least(int, 0), default=0,
                    help="write a DeepSpeed checkpoint (for --resume) every N optimizer steps and at the end of the "
                    "run; 0: no checkpoints (the final model is saved either way)")
+    p.add_argument("--save-total-limit", type=_at_least(int, 0), default=0,
+                   help="keep at most N checkpoints: after each save the oldest are deleted, never the one 'latest' "
+                   "names; 0: keep every one")
     p.add_argument("--log-every", type=_at_least(int, 0), default=10, help="log every N optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --output-dir (checked against its manifest; a "
+                   "damaged one falls back to the newest intact one)")
     p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--gradient-checkpointing", action="store_true",

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from hift_ds import atomic
 from hift_ds.train import data as D
-from hift_ds.train.checkpoints import latest_tag, restore_rng_state, rng_state, save_checkpoint
+from hift_ds.train.checkpoints import restore_rng_state, resume_tag, rng_state, save_checkpoint
 from hift_ds.train.cli import build_config, parse_args, resolve_job
 from hift_ds.train.evaluation import evaluate, generate_samples
 from hift_ds.train.model import load_model, save_final
@@ -151,18 +152,27 @@ def build_engine(args: argparse.Namespace, job: Job) -> Run:
 
 
 def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None]:
-    """(optimizer step, metrics before training): from the latest checkpoint with --resume, else (0, None)."""
-    tag = latest_tag(run.ckpt_dir) if args.resume else None
-    if tag is not None:
+    """(optimizer step, metrics before training): from the checkpoint --resume chooses, else (0, None)."""
+    tag = resume_tag(run.ckpt_dir) if args.resume else None  # verified against its manifest, or a fall-back
+    if tag is None:
+        if args.resume:
+            log.warning("--resume: no checkpoint in %s yet: starting at step 0", run.ckpt_dir)
+        return 0, None
+    folder = os.path.join(run.ckpt_dir, tag)
+    try:
         load_path, client = run.engine.load_checkpoint(run.ckpt_dir, tag=tag)
-        if load_path is None:  # DeepSpeed returns (None, None) instead of raising
-            raise ValueError(f"--resume: DeepSpeed could not load checkpoint {os.path.join(run.ckpt_dir, tag)}")
-        restore_rng_state(client)
-        log.info("resumed from %s at optimizer step %d", os.path.join(run.ckpt_dir, tag), client["step"])
-        return client["step"], client["before"]
-    if args.resume:
-        log.warning("--resume: no checkpoint in %s (no 'latest' file), starting fresh", run.ckpt_dir)
-    return 0, None
+    except (RuntimeError, EOFError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as e:
+        # An unverified (pre-manifest) checkpoint that is damaged, or one of another model or config. The
+        # engine may hold part of it now: stop rather than train on that.
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"--resume: cannot load checkpoint {folder} ({type(e).__name__}: {first}); resume with "
+                         "the --model and config that saved it, or start over: drop --resume and pass "
+                         "--overwrite-output-dir") from None
+    if load_path is None:  # DeepSpeed returns (None, None) instead of raising
+        raise ValueError(f"--resume: DeepSpeed could not load checkpoint {folder}")
+    restore_rng_state(client)
+    log.info("resumed from %s at optimizer step %d", folder, client["step"])
+    return client["step"], client["before"]
 
 
 def start_log(run: Run, step: int) -> None:
@@ -171,9 +181,22 @@ def start_log(run: Run, step: int) -> None:
         return
     if step == 0:
         os.remove(run.log_path)
-    else:
-        kept = [line for line in open(run.log_path) if json.loads(line)["step"] <= step]
-        atomic.write_text(run.log_path, "".join(kept))
+        return
+    kept, unreadable = [], []
+    with open(run.log_path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                entry_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a kill while the line was written tears the last line
+                unreadable.append(n)
+                continue
+            if entry_step <= step:
+                kept.append(line.rstrip(b"\n") + b"\n")
+    if unreadable:
+        log.warning("%s: dropped %d unreadable line%s (line %s; a run killed while writing leaves its last line "
+                    "torn)", run.log_path, len(unreadable), "s" if len(unreadable) > 1 else "",
+                    ", ".join(map(str, unreadable[:5])))
+    atomic.write_bytes(run.log_path, b"".join(kept))
 
 
 def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) -> int:
@@ -222,7 +245,8 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) ->
             if args.log_every and step % args.log_every == 0 and rank == 0:
                 log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
             if args.save_every and (step % args.save_every == 0 or step == run.total_steps):
-                save_checkpoint(engine, run.ckpt_dir, step, {"step": step, "before": before, **rng_state()})
+                save_checkpoint(engine, run.ckpt_dir, step, {"step": step, "before": before, **rng_state()},
+                                keep=args.save_total_limit)
             if step >= run.total_steps:
                 break
     bar.close()

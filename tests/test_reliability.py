@@ -1,0 +1,210 @@
+"""Nothing a user had is lost (issue 27): damaged checkpoints, non-finite losses, no silent overwrite, bad input.
+
+Table-driven: each case is an input (a damage done to a real run's output directory, or a command line) and
+what must follow: the exit status, the one ``error:`` line or warning naming the problem and the fix, and
+which files are left untouched. The damage is done to a copy of one real 2-step run (a checkpoint at each
+step), made once per module. ``train.run`` runs in this process (the command line without the process
+start); subprocesses only where the process itself matters (a SIGKILL, launch/train.py's own exit status).
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinymodel import make_classifier, sentiment_jsonl
+from hift_ds import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--deepspeed", os.path.join(ROOT, "ds_configs", "hift_fp32.json"), "--batch-size", "8", "--max-length", "16",
+        "--no-progress", "--log-every", "0"]
+STATES = "mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    return {"model": make_classifier(str(d / "model")), "data": sentiment_jsonl(str(d / "data.jsonl")), "dir": d}
+
+
+@pytest.fixture(autouse=True)
+def single_rank_env(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def common(assets, out) -> list[str]:
+    return ["--model", assets["model"], "--data", assets["data"], "--output-dir", str(out), "--max-steps", "2",
+            "--save-every", "1", *FAST]
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory):
+    """A real 2-step run: checkpoints step1 and step2 (latest: step2), its log, metrics.json and final/."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(common(assets, out))
+    return out
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path):
+    """A copy of the finished run to damage."""
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def cli(argv, monkeypatch, capsys) -> tuple[int, str]:
+    """launch/train.py's command line in this process: (exit status, stderr)."""
+    # run() ends the process group after a run; later tests in this process still need it.
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a: None)
+    capsys.readouterr()
+    rc = train.run(argv)
+    return rc, capsys.readouterr().err
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def error_line(err: str) -> str:
+    """The one ``error:`` line of stderr (and no traceback)."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+# ---- damaged checkpoints -----------------------------------------------------------------------------------
+
+def _truncate(path, size=None):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 if size is None else size)
+
+
+def _flip_bit(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _torn_log(run):
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')  # a kill while step 3's line was written
+
+
+DAMAGE = {
+    # name: (damage, warning that names the file, the step the run resumes from)
+    "truncated states": (lambda run: _truncate(run / "checkpoints" / "step2" / STATES),
+                         rf"checkpoint \S+step2 is damaged: {STATES} is \d+ bytes, its manifest says \d+", 1),
+    "zero-length states": (lambda run: _truncate(run / "checkpoints" / "step2" / STATES, 0),
+                           rf"step2 is damaged: {STATES} is 0 bytes, its manifest says \d+", 1),
+    "bit flip": (lambda run: _flip_bit(run / "checkpoints" / "step2" / STATES),
+                 rf"step2 is damaged: {STATES} does not match its \w+ checksum", 1),
+    "damaged manifest": (lambda run: (run / "checkpoints" / "step2" / "manifest.json").write_text('{"files": '),
+                         r"step2 is damaged: manifest.json is damaged", 1),
+    "latest deleted step": (lambda run: shutil.rmtree(run / "checkpoints" / "step2"),
+                            r"step2 is damaged: \S+step2 does not exist", 1),
+    "binary latest": (lambda run: (run / "checkpoints" / "latest").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe"),
+                      r"latest is not text \(damaged\)", 2),
+    "torn log line": (_torn_log, r"train_log.jsonl: dropped 1 unreadable line \(line 3;", 2),
+    "no manifest (older hift-ds)": (lambda run: (run / "checkpoints" / "step2" / "manifest.json").unlink(),
+                                    r"step2 has no manifest \(saved before hift-ds verified checkpoints\): "
+                                    r"resuming from it unverified", 2),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_run_resumes_from_what_is_intact(case, assets, finished, run_dir, monkeypatch, capsys, caplog):
+    damage, warning, resumed_at = DAMAGE[case]
+    damage(run_dir)
+    with caplog.at_level(logging.INFO, logger="hift_ds"):
+        rc, err = cli([*common(assets, run_dir), "--resume"], monkeypatch, capsys)
+    assert rc == 0, err[-3000:]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("hift_ds")]
+    assert any(re.search(warning, w) for w in warnings), warnings
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed from")]
+    assert resumed == [f"resumed from {run_dir / 'checkpoints' / f'step{resumed_at}'} at optimizer step {resumed_at}"]
+    if resumed_at != 2:
+        assert any("falling back to" in w and w.endswith(f"step{resumed_at}, the newest intact checkpoint (latest now "
+                                                         "names it)") for w in warnings), warnings
+    # The same model as the uninterrupted run, bit for bit, and the same log; the damage is gone.
+    for name, tensor in weights(finished / "final").items():
+        assert torch.equal(weights(run_dir / "final")[name], tensor), name
+    assert (run_dir / "train_log.jsonl").read_text() == (finished / "train_log.jsonl").read_text()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step2"
+    if resumed_at != 2:  # the damaged save was written again, manifest and all
+        assert snapshot(run_dir / "checkpoints" / "step2") == snapshot(finished / "checkpoints" / "step2")
+
+
+ERRORS = {
+    # name: (damage, the error line's pattern)
+    "every checkpoint damaged": (
+        lambda run: [_truncate(run / "checkpoints" / f"step{s}" / STATES) for s in (1, 2)],
+        rf"error: --resume: no intact checkpoint in \S+checkpoints \(step2: {STATES} is \d+ bytes, its manifest says "
+        rf"\d+; step1: {STATES} is \d+ bytes, its manifest says \d+; checkpoint folders: \['step1', 'step2'\]\); "
+        r"restore one, or start over: drop --resume and pass --overwrite-output-dir"),
+    "latest names a missing step, no other intact": (
+        lambda run: [(run / "checkpoints" / "latest").write_text("step8"), _truncate(run / "checkpoints" / "step1" /
+                                                                                    STATES),
+                     shutil.rmtree(run / "checkpoints" / "step2")],
+        r"no intact checkpoint in \S+ \(step8: \S+step8 does not exist; step1: "),
+    "latest names an empty folder": (
+        lambda run: [(run / "checkpoints" / "latest").write_text("step8"), (run / "checkpoints" / "step8").mkdir(),
+                     _truncate(run / "checkpoints" / "step1" / STATES), shutil.rmtree(run / "checkpoints" / "step2")],
+        r"\(step8: \S+step8 holds no model states; step1: .*; checkpoint folders: \['step1', 'step8'\]\)"),
+    "old checkpoint, truncated": (
+        lambda run: [(run / "checkpoints" / "step2" / "manifest.json").unlink(),
+                     _truncate(run / "checkpoints" / "step2" / STATES)],
+        r"error: --resume: cannot load checkpoint \S+step2 \(\w+: .*\); resume with the --model and config that "
+        r"saved it, or start over: drop --resume and pass --overwrite-output-dir$"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_a_run_with_no_intact_checkpoint_stops_and_changes_nothing(case, assets, run_dir, monkeypatch, capsys):
+    damage, message = ERRORS[case]
+    damage(run_dir)
+    before = snapshot(run_dir)
+    rc, err = cli([*common(assets, run_dir), "--resume"], monkeypatch, capsys)
+    assert rc == 2 and re.search(message, error_line(err)), err[-3000:]
+    assert snapshot(run_dir) == before
+
+
+# ---- --save-total-limit -------------------------------------------------------------------------------------
+
+def test_save_total_limit_keeps_the_newest_and_never_the_one_latest_names(assets, tmp_path, monkeypatch, capsys):
+    from hift_ds.train import checkpoints
+    out = tmp_path / "run"
+    rc, err = cli([*common(assets, out), "--max-steps", "5", "--save-total-limit", "2"], monkeypatch, capsys)
+    assert rc == 0, err[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step4", "step5"]
+    # A run that fell back to step3 (its step4 and step5 are newer than latest): only older ones go.
+    ckpt = tmp_path / "fell_back"
+    for step in range(1, 6):
+        (ckpt / f"step{step}").mkdir(parents=True)
+        (ckpt / f"step{step}" / STATES).write_bytes(b"x")
+        if step != 2:  # step2's save never finished: it has no manifest, it is not a checkpoint to count
+            checkpoints.manifest.write_manifest(str(ckpt / f"step{step}"))
+    (ckpt / "latest").write_text("step3")
+    checkpoints.prune(str(ckpt), 1)
+    assert sorted(os.listdir(ckpt)) == ["latest", "step2", "step3", "step4", "step5"]
