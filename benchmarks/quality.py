@@ -24,7 +24,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # launch/train.py options this script sets itself for each run (from its own --deepspeed, --lr/--hift-lr, --seeds).
-SET_PER_RUN = ("--mode", "--strategy", "--seed", "--output-dir", "--deepspeed", "--lr", "--no-progress")
+SET_PER_RUN = ("--mode", "--strategy", "--seed", "--output-dir", "--overwrite-output-dir", "--deepspeed", "--lr",
+               "--no-progress")
 RUNS = [("fpft", "fpft", None), ("hift bottom2up", "hift", "bottom2up"), ("hift top2down", "hift", "top2down"),
         ("hift random", "hift", "random")]
 
@@ -60,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_run(label: str, mode: str, strategy: str | None, seed: int, lr: float | None, out: str,
               train_args: list[str]) -> dict:
     """launch/train.py once in a subprocess (output under ``out``); its metrics.json plus the wall time, or the error."""
+    # --overwrite-output-dir: run again, this script trains each run again from the start in its directory.
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--mode", mode, "--output-dir", out,
-           "--no-progress", "--seed", str(seed), *train_args]
+           "--overwrite-output-dir", "--no-progress", "--seed", str(seed), *train_args]
     if strategy:
         cmd += ["--strategy", strategy]
     if lr is not None:

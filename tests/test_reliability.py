@@ -64,7 +64,10 @@ def cli(argv, monkeypatch, capsys) -> tuple[int, str]:
     # run() ends the process group after a run; later tests in this process still need it.
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a: None)
     capsys.readouterr()
-    rc = train.run(argv)
+    try:
+        rc = train.run(argv)
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
     return rc, capsys.readouterr().err
 
 
@@ -80,9 +83,9 @@ def snapshot(folder) -> dict[str, str]:
 
 
 def error_line(err: str) -> str:
-    """The one ``error:`` line of stderr (and no traceback)."""
+    """The one ``error:`` line of stderr (and no traceback), from ``error:`` on (argparse puts the program first)."""
     assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    lines = [line[line.index("error: "):] for line in err.splitlines() if re.match(r"(\S+: )?error: ", line)]
     assert len(lines) == 1, err[-3000:]
     return lines[0]
 
@@ -208,3 +211,69 @@ def test_save_total_limit_keeps_the_newest_and_never_the_one_latest_names(assets
     (ckpt / "latest").write_text("step3")
     checkpoints.prune(str(ckpt), 1)
     assert sorted(os.listdir(ckpt)) == ["latest", "step2", "step3", "step4", "step5"]
+
+
+# ---- no silent overwrite ------------------------------------------------------------------------------------
+
+def _only_log(run):
+    for name in ("final", "checkpoints"):
+        shutil.rmtree(run / name)
+    (run / "metrics.json").unlink()
+
+
+OVERWRITE = {
+    # name: (what the directory holds, extra options, exit status, error pattern or None)
+    "fresh run into a finished run": (
+        None, [], 2, r"error: --output-dir \S+ holds a previous run \(train_log.jsonl, metrics.json, final, "
+        r"checkpoints/\); pass --resume to continue it, --overwrite-output-dir to start over \(its log, metrics and "
+        r"checkpoints are deleted\), or another --output-dir$"),
+    "fresh run into a run killed before its first checkpoint": (
+        _only_log, [], 2, r"error: --output-dir \S+ holds a previous run \(train_log.jsonl\); pass --resume"),
+    "fresh run into a run's final/ alone": (
+        lambda run: [(run / "train_log.jsonl").unlink(), shutil.rmtree(run / "checkpoints")], [], 2,
+        r"holds a previous run \(metrics.json, final\)"),
+    "--resume into a finished run without checkpoints": (
+        lambda run: shutil.rmtree(run / "checkpoints"), ["--resume"], 2,
+        r"error: --resume: nothing to resume in \S+: it holds a finished run \(train_log.jsonl, metrics.json, final\) "
+        r"but no checkpoint \(it ran without --save-every\); pass --overwrite-output-dir instead of --resume to "
+        r"train again from the start, or another --output-dir$"),
+    "--resume and --overwrite-output-dir": (
+        None, ["--resume", "--overwrite-output-dir"], 2,
+        r"error: --resume continues the run in --output-dir, --overwrite-output-dir deletes it: pass one$"),
+}
+
+
+@pytest.mark.parametrize("case", OVERWRITE)
+def test_a_previous_run_is_never_overwritten_unasked(case, assets, run_dir, monkeypatch, capsys):
+    prepare, extra, status, message = OVERWRITE[case]
+    if prepare:
+        prepare(run_dir)
+    before = snapshot(run_dir)
+    rc, err = cli([*common(assets, run_dir), *extra], monkeypatch, capsys)
+    assert rc == status and re.search(message, error_line(err)), err[-3000:]
+    assert snapshot(run_dir) == before
+
+
+def test_overwrite_output_dir_starts_over_and_keeps_final_until_replaced(assets, finished, run_dir, monkeypatch,
+                                                                        capsys):
+    (run_dir / "profile.json").write_text("{}")
+    rc, err = cli([*common(assets, run_dir), "--overwrite-output-dir", "--save-every", "2"], monkeypatch, capsys)
+    assert rc == 0, err[-3000:]
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "final", "metrics.json", "train_log.jsonl"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step2"]  # step1 of the previous run is gone
+    assert (run_dir / "train_log.jsonl").read_text() == (finished / "train_log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("holds", ["nothing", "a killed run's log"])
+def test_resume_with_no_checkpoint_yet_starts_at_step_0(holds, assets, finished, run_dir, monkeypatch, capsys, caplog):
+    if holds == "nothing":
+        shutil.rmtree(run_dir)
+    else:
+        _only_log(run_dir)
+        with open(run_dir / "train_log.jsonl", "a") as f:
+            f.write('{"step": 3, "loss": 0.5, "lr": 0.1, "group": 2}\n')  # a line no new run would write
+    with caplog.at_level(logging.WARNING, logger="hift_ds"):
+        rc, err = cli([*common(assets, run_dir), "--resume"], monkeypatch, capsys)
+    assert rc == 0, err[-3000:]
+    assert f"--resume: no checkpoint in {run_dir / 'checkpoints'} yet: starting at step 0" in caplog.text
+    assert (run_dir / "train_log.jsonl").read_text() == (finished / "train_log.jsonl").read_text()

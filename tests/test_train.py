@@ -204,7 +204,7 @@ def test_bad_input_errors(assets, tmp_path):
         with pytest.raises(ValueError, match=message):
             train.main([*base, *extra])
     with pytest.raises(ValueError, match="has no weights"):
-        train.main(["--model", str(empty_model), "--data", assets["data"], *FAST])
+        train.main(["--model", str(empty_model), "--data", assets["data"], "--output-dir", str(tmp_path / "y"), *FAST])
     cli = _run(["--model", assets["model"], "--data", str(bad), *FAST])
     assert cli.returncode == 2 and "error:" in cli.stderr and "Traceback" not in cli.stderr
 

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output-dir (checked against its manifest; a "
                    "damaged one falls back to the newest intact one)")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start over in an --output-dir that holds a previous run: its log, metrics and checkpoints "
+                   "are deleted once this run has loaded its model and data; its final/ stays until this run's "
+                   "replaces it")
     p.add_argument("--seed", type=int, default=42, help="seed for the data split, order and initialisation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -95,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options, with the per-mode default output directory filled in."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite_output_dir:
+        parser.error("--resume continues the run in --output-dir, --overwrite-output-dir deletes it: pass one")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.mode)  # an fpft run must not overwrite a HiFT one
     return args

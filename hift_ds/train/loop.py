@@ -22,6 +22,7 @@ from hift_ds.train.checkpoints import restore_rng_state, resume_tag, rng_state, 
 from hift_ds.train.cli import build_config, parse_args, resolve_job
 from hift_ds.train.evaluation import evaluate, generate_samples
 from hift_ds.train.model import load_model, save_final
+from hift_ds.train.outputs import check_output_dir, clear_previous_run
 
 log = logging.getLogger(__package__)  # the CLI's messages keep the one name "hift_ds.train"
 
@@ -96,6 +97,8 @@ def prepare_data(args: argparse.Namespace) -> Job:
     labels = D.label_set(train_recs) if task == D.CLASSIFICATION else []
     ds_file = load_ds_config(args.deepspeed)
     zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
+    # The last check before the model loads (the slow part): the input is fine, now where the run writes.
+    check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     tok, model = load_model(model_path, task, len(labels), zero3_config=ds_file if zero3 else None)
     if args.gradient_checkpointing:
         from hift_ds.activations import enable_gradient_checkpointing
@@ -145,6 +148,8 @@ def build_engine(args: argparse.Namespace, job: Job) -> Run:
     loader = DataLoader(job.train_ds, batch_size=micro, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     eval_loader = DataLoader(job.eval_ds, batch_size=micro)
+    if args.overwrite_output_dir:
+        clear_previous_run(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     return Run(engine, optimizer, sampler, loader, eval_loader, total_steps, world,
                ckpt_dir=os.path.join(args.output_dir, "checkpoints"),  # created by the first checkpoint, if any
@@ -267,8 +272,7 @@ def _start_profiler(optimizer):
 
 
 def _write_profile(prof, output_dir: str, mode: str) -> None:
-    with open(os.path.join(output_dir, "profile.json"), "w") as f:
-        json.dump(prof.summary(), f, indent=2)
+    atomic.write_text(os.path.join(output_dir, "profile.json"), json.dumps(prof.summary(), indent=2))
     prof.plot(os.path.join(output_dir, "profile.png"), title=f"{mode} training")
 
 
