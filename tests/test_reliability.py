@@ -277,3 +277,85 @@ def test_resume_with_no_checkpoint_yet_starts_at_step_0(holds, assets, finished,
     assert rc == 0, err[-3000:]
     assert f"--resume: no checkpoint in {run_dir / 'checkpoints'} yet: starting at step 0" in caplog.text
     assert (run_dir / "train_log.jsonl").read_text() == (finished / "train_log.jsonl").read_text()
+
+
+# ---- non-finite losses and gradients ------------------------------------------------------------------------
+
+class _NanGradient(torch.autograd.Function):
+    """The identity on the loss, whose backward turns every gradient into nan: a finite loss, non-finite updates."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def spoil(monkeypatch, calls=None, gradient=False):
+    """The tiny classifier's training forwards number ``calls`` (None: all) get a nan loss, or a nan gradient."""
+    import transformers
+    cls = transformers.BertForSequenceClassification
+    forward, count = cls.forward, [0]
+
+    def spoiled(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            count[0] += 1
+            if calls is None or count[0] in calls:
+                out.loss = _NanGradient.apply(out.loss) if gradient else out.loss * float("nan")
+        return out
+    monkeypatch.setattr(cls, "forward", spoiled)
+
+
+def saved(run) -> dict[str, str]:
+    """What a run saved of its model: checkpoints, final/ and metrics.json."""
+    return {k: v for k, v in snapshot(run).items() if not k.startswith(("train_log", "profile"))}
+
+
+def test_a_nan_loss_is_skipped_without_an_update(assets, tmp_path, monkeypatch, capsys, caplog):
+    spoil(monkeypatch, calls={2})
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="hift_ds"):
+        rc, err = cli([*common(assets, out), "--max-steps", "3", "--save-every", "3"], monkeypatch, capsys)
+    assert rc == 0, err[-3000:]
+    assert ("optimizer step 2: the loss is nan; micro-batch skipped (no backward, no update; 1 in a row, the run "
+            "stops at 10)") in caplog.text
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [e["step"] for e in log] == [1, 2, 3] and all(e["loss"] == e["loss"] for e in log)
+    assert [e["group"] for e in log] == [0, 1, 2]  # the skipped batch moved neither the group nor the LR
+    state = torch.load(out / "checkpoints" / "step3" / STATES, weights_only=False)
+    assert state["batches"] == 4 and state["step"] == 3  # a resume reads on after the skipped batch
+
+
+NONFINITE = {
+    # name: (spoil options, extra options, error pattern); each resumes the finished run at step 2 and stops, rc 1
+    "nan losses in a row": (
+        {}, ["--max-nonfinite-batches", "3"],
+        r"error: the loss was not finite for 3 micro-batches in a row at optimizer step 3 \(each was skipped; the "
+        r"weights are still finite\): stopped without writing a checkpoint or final/; check the data and "
+        r"--max-length, lower --lr, or raise --max-nonfinite-batches$"),
+    "nan gradient, then a checkpoint": (
+        {"gradient": True}, [],
+        r"error: the weights hold non-finite values after optimizer step 3 \(bert\.\S+, .* and \d+ more\) although "
+        r"its loss was finite \(a non-finite gradient\): checkpoint step3 not written, the checkpoints and final/ on "
+        r"disk are the last good ones; --resume from the last checkpoint with a lower --lr or with gradient clipping"),
+    "nan gradient, then final/": (
+        {"gradient": True}, ["--save-every", "0", "--max-steps", "3"],
+        r"error: the weights hold non-finite values after optimizer step 3 .*: final/ not written"),
+    "nan gradient, then nan losses": (
+        {"gradient": True}, ["--save-every", "0", "--max-nonfinite-batches", "2"],
+        r"error: the weights hold non-finite values \(bert\.\S+, .* and \d+ more\), so every loss is too: stopped at "
+        r"optimizer step 4 without writing a checkpoint or final/"),
+}
+
+
+@pytest.mark.parametrize("case", NONFINITE)
+def test_non_finite_values_stop_the_run_and_keep_the_good_model(case, assets, run_dir, monkeypatch, capsys):
+    options, extra, message = NONFINITE[case]
+    spoil(monkeypatch, **options)
+    before = saved(run_dir)
+    rc, err = cli([*common(assets, run_dir), "--resume", "--max-steps", "4", *extra], monkeypatch, capsys)
+    assert rc == 1 and re.search(message, error_line(err)), err[-3000:]
+    assert saved(run_dir) == before

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-total-limit", type=_at_least(int, 0), default=0,
                    help="keep at most N checkpoints: after each save the oldest are deleted, never the one 'latest' "
                    "names; 0: keep every one")
+    p.add_argument("--max-nonfinite-batches", type=_at_least(int, 1), default=10,
+                   help="a micro-batch whose loss is inf or nan is skipped (no backward, no update); after this many "
+                   "in a row the run stops (exit status 1) without writing a checkpoint or final/")
     p.add_argument("--log-every", type=_at_least(int, 0), default=10, help="log every N optimizer steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output-dir (checked against its manifest; a "
@@ -193,8 +196,11 @@ def resolve_job(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The command line (launch/train.py): ``main()``, bad input as ``error: ...`` on stderr and exit status 2."""
+    """The command line (launch/train.py): ``main()``, bad input as ``error: ...`` on stderr and exit status 2, a run
+    stopped by non-finite values (nonfinite.py) as ``error: ...`` and exit status 1."""
     from hift_ds.train.loop import main  # which imports this module
+
+    from hift_ds.train.nonfinite import NonFiniteError
 
     # Any other exception, a TypeError too, is a bug and keeps its traceback.
     try:
@@ -202,6 +208,9 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # training diverged; nothing non-finite was saved
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()  # without it a multi-process run can exit non-zero after finishing

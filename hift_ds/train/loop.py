@@ -22,6 +22,7 @@ from hift_ds.train.checkpoints import restore_rng_state, resume_tag, rng_state, 
 from hift_ds.train.cli import build_config, parse_args, resolve_job
 from hift_ds.train.evaluation import evaluate, generate_samples
 from hift_ds.train.model import load_model, save_final
+from hift_ds.train.nonfinite import NonFiniteGuard, nonfinite_parameters
 from hift_ds.train.outputs import check_output_dir, clear_previous_run
 
 log = logging.getLogger(__package__)  # the CLI's messages keep the one name "hift_ds.train"
@@ -70,12 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "position or its fp32 copy, so a resumed run would not continue the same training")
     job = prepare_data(args)
     run = build_engine(args, job)
-    step, before = resume(args, run)
+    step, before, batches = resume(args, run)
     if before is None:
         before = evaluate(run.engine.module, run.eval_loader, job.task)
     samples_before = _generate(run, job) if step == 0 else []
     start_log(run, step)
-    step = train_epochs(args, run, step, before)
+    step = train_epochs(args, run, step, before, batches)
     return finish(args, run, job, step, before, samples_before)
 
 
@@ -100,6 +101,11 @@ def prepare_data(args: argparse.Namespace) -> Job:
     # The last check before the model loads (the slow part): the input is fine, now where the run writes.
     check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     tok, model = load_model(model_path, task, len(labels), zero3_config=ds_file if zero3 else None)
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ValueError(f"--model {model_path} holds non-finite weights ({', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}); training cannot start from them: pass a model whose "
+                         "weights are finite")
     if args.gradient_checkpointing:
         from hift_ds.activations import enable_gradient_checkpointing
         enable_gradient_checkpointing(model)
@@ -156,13 +162,13 @@ def build_engine(args: argparse.Namespace, job: Job) -> Run:
                log_path=os.path.join(args.output_dir, "train_log.jsonl"))
 
 
-def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None]:
-    """(optimizer step, metrics before training): from the checkpoint --resume chooses, else (0, None)."""
+def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None, int]:
+    """(optimizer step, metrics before training, micro-batches read): from the checkpoint --resume chooses, else 0s."""
     tag = resume_tag(run.ckpt_dir) if args.resume else None  # verified against its manifest, or a fall-back
     if tag is None:
         if args.resume:
             log.warning("--resume: no checkpoint in %s yet: starting at step 0", run.ckpt_dir)
-        return 0, None
+        return 0, None, 0
     folder = os.path.join(run.ckpt_dir, tag)
     try:
         load_path, client = run.engine.load_checkpoint(run.ckpt_dir, tag=tag)
@@ -177,7 +183,9 @@ def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None]:
         raise ValueError(f"--resume: DeepSpeed could not load checkpoint {folder}")
     restore_rng_state(client)
     log.info("resumed from %s at optimizer step %d", folder, client["step"])
-    return client["step"], client["before"]
+    # Skipped micro-batches (a non-finite loss) were read but not trained: the data position is its own count.
+    gas = run.engine.gradient_accumulation_steps()
+    return client["step"], client["before"], client.get("batches", client["step"] * gas)
 
 
 def start_log(run: Run, step: int) -> None:
@@ -204,8 +212,9 @@ def start_log(run: Run, step: int) -> None:
     atomic.write_bytes(run.log_path, b"".join(kept))
 
 
-def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) -> int:
-    """Train from optimizer step ``step`` to the budget, logging, checkpointing and profiling; the last step."""
+def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict, batches: int) -> int:
+    """Train from optimizer step ``step`` (``batches`` micro-batches read) to the budget, logging, checkpointing and
+    profiling; the last step. A micro-batch with a non-finite loss is skipped (nonfinite.py)."""
     from tqdm import tqdm
 
     engine, optimizer, world, rank = run.engine, run.optimizer, run.world, run.engine.global_rank
@@ -217,17 +226,22 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) ->
                desc=args.mode)
     prof = _start_profiler(optimizer) if args.profile else None
     mark = prof.mark if prof is not None else lambda phase: None
+    guard = NonFiniteGuard(args.max_nonfinite_batches)
     engine.train()
-    tokens, t0, micro_done = 0, time.time(), step * gas
+    tokens, t0, trained = 0, time.time(), step * gas
     while step < run.total_steps:
-        epoch, skip = divmod(micro_done, epoch_batches)  # a resumed run skips what its epoch already trained
+        epoch, skip = divmod(batches, epoch_batches)  # a resumed run skips what its epoch already read
         run.sampler.set_epoch(epoch)
         for i, batch in enumerate(run.loader):
             if i < skip:
                 continue
+            batches += 1
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             mark("forward")
             loss = engine(**batch).loss
+            if not guard.finite(loss, step, engine.module):  # skipped before its backward: no update
+                mark(None)
+                continue
             mark("backward")
             engine.backward(loss)
             mark("step")
@@ -235,9 +249,9 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) ->
                 lr, group = optimizer.param_groups[0]["lr"], getattr(optimizer, "active_group", None)
             engine.step()
             mark(None)
-            micro_done += 1
+            trained += 1
             tokens += int(batch["attention_mask"].sum()) * world
-            if micro_done % gas:
+            if trained % gas:
                 continue
             step += 1
             loss_val = float(loss.detach())
@@ -250,8 +264,9 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict) ->
             if args.log_every and step % args.log_every == 0 and rank == 0:
                 log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
             if args.save_every and (step % args.save_every == 0 or step == run.total_steps):
-                save_checkpoint(engine, run.ckpt_dir, step, {"step": step, "before": before, **rng_state()},
-                                keep=args.save_total_limit)
+                guard.check_weights(engine.module, step, f"checkpoint step{step}")
+                save_checkpoint(engine, run.ckpt_dir, step, {"step": step, "batches": batches, "before": before,
+                                                             **rng_state()}, keep=args.save_total_limit)
             if step >= run.total_steps:
                 break
     bar.close()
@@ -280,6 +295,7 @@ def finish(args: argparse.Namespace, run: Run, job: Job, step: int, before: dict
     """Evaluate after training, save final/ and metrics.json, print the comparison; returns the metrics."""
     from hift_ds.distributed.zero3 import gathered_state_dict
 
+    NonFiniteGuard.check_weights(run.engine.module, step, "final/")  # a good final/ is never replaced by these
     after = evaluate(run.engine.module, run.eval_loader, job.task)
     samples = _generate(run, job)
     for i, sample in enumerate(samples):
