@@ -58,10 +58,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_known_args(argv)
 
 
+def _without(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``args`` less the options ``flags`` and their values ("--flag value" or "--flag=value")."""
+    out, skip = [], False
+    for a in args:
+        if skip or a.split("=", 1)[0] in flags:
+            skip = a in flags  # its value comes next
+            continue
+        out.append(a)
+    return out
+
+
 def train_run(label: str, mode: str, strategy: str | None, seed: int, lr: float | None, out: str,
               train_args: list[str]) -> dict:
     """launch/train.py once in a subprocess (output under ``out``); its metrics.json plus the wall time, or the error."""
     # --overwrite-output-dir: run again, this script trains each run again from the start in its directory.
+    from hift_ds.train.cli import HIFT_ONLY
+
+    if mode != "hift":  # launch/train.py refuses HiFT's options for the other modes; they apply to HiFT's runs
+        train_args = _without(train_args, HIFT_ONLY)
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--mode", mode, "--output-dir", out,
            "--overwrite-output-dir", "--no-progress", "--seed", str(seed), *train_args]
     if strategy:

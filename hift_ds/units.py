@@ -55,7 +55,11 @@ def shared_device_and_dtype(params: list[nn.Parameter]) -> tuple[torch.device, t
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs of the model that train, each shared parameter listed once."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or getattr(p, FROZEN_BY_HIFT, False)]
+    named = list(model.named_parameters())
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no parameters, so HiFT has nothing to train; pass the model to "
+                         "fine-tune (its weights loaded), not an empty or parameter-free module")
+    params = [(n, p) for n, p in named if p.requires_grad or getattr(p, FROZEN_BY_HIFT, False)]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (every requires_grad is False); "
                          "unfreeze the parameters HiFT should train before building the optimizer")
@@ -96,6 +100,7 @@ def _is_embedding(module_name: str, module: nn.Module) -> bool:
 
 def discover_units(model: nn.Module) -> list[Unit]:
     """Units of a transformer model: embeddings, one per block, then final norm + head."""
+    params = trainable_parameters(model)  # first: a model without parameters has no blocks to find either
     found = _find_block_list(model)
     if found is None:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: no nn.ModuleList of "
@@ -109,7 +114,7 @@ def discover_units(model: nn.Module) -> list[Unit]:
     embed = Unit("embeddings")
     layer_units = [Unit(f"{block_prefix}.{i}") for i in range(len(blocks))]
     head = Unit("head")
-    for name, p in trainable_parameters(model):
+    for name, p in params:
         if name.startswith(block_prefix + "."):
             idx = int(name[len(block_prefix) + 1:].split(".", 1)[0])
             layer_units[idx].params.append((name, p))

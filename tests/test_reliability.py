@@ -85,7 +85,7 @@ def snapshot(folder) -> dict[str, str]:
 def error_line(err: str) -> str:
     """The one ``error:`` line of stderr (and no traceback), from ``error:`` on (argparse puts the program first)."""
     assert "Traceback" not in err, err[-3000:]
-    lines = [line[line.index("error: "):] for line in err.splitlines() if re.match(r"(\S+: )?error: ", line)]
+    lines = [line[line.index("error: "):] for line in err.splitlines() if re.match(r"([^:]*: )?error: ", line)]
     assert len(lines) == 1, err[-3000:]
     return lines[0]
 
@@ -359,3 +359,215 @@ def test_non_finite_values_stop_the_run_and_keep_the_good_model(case, assets, ru
     rc, err = cli([*common(assets, run_dir), "--resume", "--max-steps", "4", *extra], monkeypatch, capsys)
     assert rc == 1 and re.search(message, error_line(err)), err[-3000:]
     assert saved(run_dir) == before
+
+
+# ---- final/ swapped in with no moment without a model --------------------------------------------------------
+
+def _process(args: list[str], script: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])]))
+    return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("point", ["exchange", "aside"])
+def test_sigkill_while_final_is_replaced_leaves_a_whole_model(point, assets, finished, run_dir, tmp_path):
+    """Killed while the new final/ replaces the old: final/ holds one whole model (after the next start's recovery)."""
+    from hift_ds import atomic
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if point == "exchange" and not atomic.exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("this kernel or filesystem cannot swap names (renameat2 RENAME_EXCHANGE)")
+    killed = _process([point, *common(assets, run_dir), "--resume", "--max-steps", "3"],
+                      os.path.join(ROOT, "tests", "_kill_in_swap.py"))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    old, new = weights(finished / "final"), torch.load(run_dir / "checkpoints" / "step3" / STATES,
+                                                         weights_only=False)["module"]
+    if point == "exchange":  # swapped in one step: the new model is in place, the old one under the temporary name
+        assert all(torch.equal(weights(run_dir / "final")[k], new[k]) for k in old)
+    else:  # the moment without final/: the old one is aside, and the next start puts it back
+        assert not (run_dir / "final").exists() and (run_dir / f"final{atomic.ASIDE}").is_dir()
+    assert len([n for n in os.listdir(run_dir) if n.startswith("final.tmp")]) == 1
+    atomic.recover_dir(str(run_dir / "final"))  # what the next run does first
+    assert [n for n in os.listdir(run_dir) if n.startswith("final")] == ["final"]
+    kept = weights(run_dir / "final")
+    assert all(torch.equal(kept[k], (new if point == "exchange" else old)[k]) for k in old)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+def _records(path, records) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+def _gzipped(assets, d) -> list[str]:
+    import gzip
+    with open(assets["data"], "rb") as f, gzip.open(d / "data.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    return ["--data", str(d / "data.jsonl.gz")]
+
+
+def _three_labels(assets, d) -> list[str]:
+    return ["--data", _records(d / "three.jsonl", [{"text": "good movie", "label": i % 3} for i in range(30)])]
+
+
+def _zero_quantized_weights(assets, d, monkeypatch) -> list[str]:
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "hift_fp32.json")))
+    cfg["zero_optimization"] = {"stage": 3, "zero_quantized_weights": True}
+    (d / "z3q.json").write_text(json.dumps(cfg))
+    from hift_ds.train import loop
+    # Refused from the config alone: the model (which ZeRO-3 would build partitioned) is never loaded.
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    return ["--deepspeed", str(d / "z3q.json")]
+
+
+def _nan_weight(assets, d) -> list[str]:
+    import transformers
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(assets["model"])
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    model.save_pretrained(d / "nan_model")
+    transformers.AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(d / "nan_model")
+    return ["--model", str(d / "nan_model")]
+
+
+def _text(assets, d, texts) -> list[str]:
+    return ["--data", _records(d / "texts.jsonl", [{"text": t, "label": i // 2 % 2} for i, t in enumerate(texts)])]
+
+
+BAD_INPUT = {
+    # name: (options or a function (assets, dir[, monkeypatch]) -> options, exit status, error or warning pattern)
+    "--data x.jsonl.gz (read as it is)": (_gzipped, 0, None),
+    "records with a null text (skipped)": (
+        lambda a, d: _text(a, d, ["good movie", None, "bad plot", 7] * 10), 0,
+        r"texts.jsonl: skipped 20 of 40 records whose text is not a string or whose label is not a string or number "
+        r"\(the first: record 2, text None\)"),
+    "every text null": (lambda a, d: _text(a, d, [None] * 10), 2,
+                        r"error: \S+texts.jsonl: no record has a text string and a label \(string or number\); record "
+                        r"1's text is None$"),
+    "a single label": (
+        lambda a, d: ["--data", _records(d / "one.jsonl", [{"text": "good movie", "label": 1}] * 20)], 2,
+        r"error: \S+one.jsonl: every training record has the label 1: a classifier needs two labels at least; add "
+        r"records of the other classes$"),
+    "a saved classifier with another label count": (
+        _three_labels, 2,
+        r"error: --model \S+ is a classifier with 2 labels \(\['LABEL_0', 'LABEL_1'\]\), the data has 3; pass data "
+        r"with its 2 labels, or the model it was fine-tuned from \(which gets a new head for the data's labels\)$"),
+    "zero_quantized_weights at ZeRO-3": (
+        _zero_quantized_weights, 2,
+        r"error: zero_optimization.zero_quantized_weights is not supported with HiFT at stage 3: .*; remove it$"),
+    "--model that does not exist": (
+        lambda a, d: ["--model", str(d / "runs" / "nope" / "final")], 2,
+        r"error: --model '\S+/runs/nope/final' does not exist; pass a model directory \(a save_pretrained folder\) "
+        r"or a Hugging Face hub name$"),
+    "--model that is a file": (
+        lambda a, d: ["--model", os.path.join(a["model"], "config.json")], 2,
+        r"error: --model '\S+config.json' is a file; pass the model's directory \(a save_pretrained folder: "
+        r"config.json and the weights\) or a Hugging Face hub name$"),
+    "--model with a nan weight": (
+        _nan_weight, 2,
+        r"error: --model \S+nan_model holds non-finite weights \(classifier.bias\); training cannot start from them: "
+        r"pass a model whose weights are finite$"),
+    "--data that is a directory": (
+        lambda a, d: ["--data", str(d)], 2,
+        r"error: data path '\S+' is a directory; pass the .jsonl file in it \(or a .jsonl.gz\)$"),
+    "--data that is not UTF-8": (
+        lambda a, d: (d / "latin1.jsonl").write_bytes('{"text": "caf\xe9", "label": 1}\n'.encode("latin-1")) and
+        ["--data", str(d / "latin1.jsonl")], 2,
+        r"error: \S+latin1.jsonl:1: not UTF-8 text; the data must be JSONL in UTF-8, plain or gzip-compressed"),
+    "--eval-data of another task": (
+        lambda a, d: ["--eval-data", _records(d / "instr.jsonl", [{"instruction": "a", "output": "b"}])], 2,
+        r"error: --eval-data \S+instr.jsonl holds instruction records, --data \S+ classification records; pass "
+        r"held-out records of the same task$"),
+    "--mode fpft --strategy random --group-size 3": (
+        ["--mode", "fpft", "--strategy", "random", "--group-size", "3"], 2,
+        r"error: --group-size and --strategy set HiFT's groups, which --mode fpft does not have; drop them, or use "
+        r"--mode hift$"),
+    "--mode badam --group-size 2": (
+        ["--mode", "badam", "--group-size", "2"], 2,
+        r"error: --group-size sets HiFT's groups, which --mode badam does not have; drop it, or use --mode hift$"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_clear_line(case, assets, tmp_path, monkeypatch, capsys, caplog):
+    given, status, message = BAD_INPUT[case]
+    out = tmp_path / "out"
+    if callable(given):
+        given = given(assets, tmp_path, monkeypatch) if "monkeypatch" in given.__code__.co_varnames else \
+            given(assets, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hift_ds"):
+        rc, err = cli([*common(assets, out), "--max-steps", "1", *given], monkeypatch, capsys)
+    assert rc == status, err[-3000:]
+    if status:
+        assert re.search(message, error_line(err)), err[-3000:]
+        assert not out.exists()  # stopped before anything was written
+    elif message:
+        assert re.search(message, caplog.text), caplog.text
+
+
+def test_launch_train_exits_2_with_one_line(assets, tmp_path):
+    """The command line itself, in its own process: exit status 2, one ``error:`` line, no traceback."""
+    proc = _process(["--model", assets["model"], "--data", str(tmp_path), *FAST], os.path.join(ROOT, "launch",
+                                                                                                 "train.py"))
+    assert proc.returncode == 2 and "is a directory" in error_line(proc.stderr)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", r"--out \S+: is a file; pass a directory \(created if missing\)$"),
+    ("under a file", r"--out \S+: \S+file is a file, so no directory can be made under it; pass another directory$"),
+    ("unwritable", r"--out /proc/hift-profile: cannot write there \(.+\); pass a directory you can write to$")])
+def test_profiler_out_that_cannot_be_written_is_one_line(where, message, tmp_path, capsys):
+    from hift_ds.profile.cli import main
+    (tmp_path / "file").write_text("x")
+    out = {"file": tmp_path / "file", "under a file": tmp_path / "file" / "profile", "unwritable": "/proc/hift-profile"}
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(out[where]), "--modes", "hift", "--steps", "1"])
+    assert exc.value.code == 2 and re.search(message, error_line(capsys.readouterr().err))
+
+
+def test_hift_optimizer_on_a_model_without_parameters_says_so():
+    from torch import nn
+
+    from hift_ds import HiFTOptimizer
+    with pytest.raises(ValueError, match=r"^Module has no parameters, so HiFT has nothing to train; pass the model to "
+                                         r"fine-tune \(its weights loaded\), not an empty or parameter-free module$"):
+        HiFTOptimizer(nn.Module(), "adamw", lr=1e-3)
+
+
+
+# ---- the Trainer's warm-up --------------------------------------------------------------------------------------
+
+VANISHED = "HiFT: the warm-up of {w} optimizer steps is gone: the LR moves once per cycle of 5 steps (one per group)"
+
+
+@pytest.mark.parametrize("warmup, warned", [(3, True), (5, True), (15, False)])
+@pytest.mark.parametrize("path", ["Trainer", "hift_ds.initialize"])
+def test_a_warm_up_that_vanishes_in_cycles_is_warned_about_on_both_paths(path, warmup, warned, tmp_path, caplog):
+    """warmup <= k steps is one cycle, which already trains at the peak: the same warning from either path."""
+    from conftest import tiny_llama
+    from hift_ds import HiFTOptimizer
+
+    optimizer = HiFTOptimizer(tiny_llama(), "adamw", lr=1e-3)  # 5 units, 5 groups
+    with caplog.at_level(logging.WARNING, logger="hift_ds"):
+        if path == "Trainer":
+            import transformers
+
+            from hift_ds.hf.schedule import trainer_schedule_in_cycles
+            args = transformers.TrainingArguments(output_dir=str(tmp_path), warmup_steps=warmup, learning_rate=1e-3,
+                                                  max_steps=40, report_to=[], use_cpu=True)
+            trainer_schedule_in_cycles(args, optimizer, 40)
+            setting = "warmup_steps (or warmup_ratio)"
+        else:
+            from hift_ds.deepspeed.scheduler import scheduler_from_config
+            # DeepSpeed's default log-rate warm-up: a warm-up of 2 iterations (its minimum) peaks at the second.
+            scheduler_from_config({"type": "WarmupDecayLR", "params": {
+                "warmup_num_steps": warmup, "total_num_steps": 40, "warmup_max_lr": 1e-3}}, optimizer)
+            setting = "scheduler.params.warmup_num_steps"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if w.startswith(VANISHED.format(w=warmup))] == ([
+        f"{VANISHED.format(w=warmup)}, and the first cycle already trains at the peak LR 0.001. For a warm-up, set "
+        f"{setting} to several cycles (a few times 5 steps), or use fewer groups (a larger group_size)"] if warned
+        else []), warnings

@@ -79,7 +79,8 @@ def test_run_that_ends_before_the_peak_lr_is_warned(caplog):
 def test_runs_long_enough_are_not_warned(caplog):
     for kind, params in [("WarmupDecayLR", {"warmup_num_steps": 25, "total_num_steps": 250, "warmup_max_lr": 1e-4}),
                          ("WarmupDecayLR", {"warmup_num_steps": 1, "total_num_steps": 9, "warmup_max_lr": 1e-4}),
-                         ("WarmupCosineLR", {"warmup_num_steps": 8, "total_num_steps": 400})]:
+                         # 3 cycles of warm-up: at 8 steps (one cycle) the first cycle would train at the peak (warned)
+                         ("WarmupCosineLR", {"warmup_num_steps": 24, "total_num_steps": 400})]:
         _, info, warnings = _build(caplog, kind, 8, **params)
         assert info and not warnings, (kind, params, warnings)
 

@@ -101,8 +101,29 @@ def scheduler_from_config(block: dict, optimizer: Any):
         # Cycle c trains at iteration c + 1: no cycle (every group's first update) at warmup_min_lr.
         scheduler.step(shift.steps_in)
         if rank0:
+            peak = float((getattr(scheduler, "max_lrs", None) or scheduler.org_lrs)[0])
+            warn_if_warmup_vanishes(params.get("warmup_num_steps"), k, _lr_at(scheduler, 0),
+                                    _lr_at(scheduler, scheduler.last_batch_iteration), peak,
+                                    "scheduler.params.warmup_num_steps")
             _warn_if_short(kind, scheduler, params.get("total_num_steps"), k)
     return scheduler
+
+
+def warn_if_warmup_vanishes(warmup_steps: int | None, k: int, start_lr: float, first_lr: float, peak: float,
+                            setting: str) -> None:
+    """Warn when a warm-up (from ``start_lr``) is gone once in cycles: the first cycle already trains at the peak.
+
+    Shared by hift_ds.initialize's schedules and the Trainer's (hift_ds.hf.schedule); ``setting`` names the
+    option that sets the warm-up's length.
+    """
+    # A warm-up of one step is one step at the start LR (often 0), which HiFT skips on purpose (hift_ds.schedule).
+    if not isinstance(warmup_steps, int) or warmup_steps <= 1:
+        return
+    if start_lr < peak * (1 - _PEAK_TOLERANCE) <= first_lr:
+        logger.warning("HiFT: the warm-up of %d optimizer steps is gone: the LR moves once per cycle of %d steps (one "
+                       "per group), and the first cycle already trains at the peak LR %.3g. For a warm-up, set %s to "
+                       "several cycles (a few times %d steps), or use fewer groups (a larger group_size)", warmup_steps,
+                       k, peak, setting, k)
 
 
 def _lr_at(scheduler, iteration: int) -> float:

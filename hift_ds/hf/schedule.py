@@ -12,6 +12,7 @@ import logging
 import warnings
 import weakref
 
+from hift_ds.deepspeed.scheduler import warn_if_warmup_vanishes
 from hift_ds.distributed import is_main_process
 from hift_ds.hf.checks import option_value
 from hift_ds.optim.optimizer import HiFTOptimizer
@@ -66,6 +67,9 @@ def trainer_schedule_in_cycles(args, optimizer: HiFTOptimizer, num_training_step
         for _ in range(shift.steps_in):
             inner.step()
     if is_main_process():
+        # The warm-up starts at LR 0 (transformers' schedules); cycle 0 trains at the LR it has now.
+        warn_if_warmup_vanishes(warmup_steps, k, 0.0, float(inner.get_last_lr()[0]), float(inner.base_lrs[0]),
+                                "warmup_steps (or warmup_ratio)")
         logger.info("HiFT: %s LR schedule advances once per cycle of %d steps: %d steps -> %d cycles, warm-up "
                     "%d steps -> %d cycles%s", option_value(args.lr_scheduler_type), k,
                     num_training_steps, total, warmup_steps, warmup,

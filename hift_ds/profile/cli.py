@@ -35,6 +35,7 @@ import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def output_dir_problem(out: Path) -> str | None:
+    """Create the output directory; why it cannot be written to (None: it can), before any mode runs."""
+    if out.exists() and not out.is_dir():
+        return "is a file; pass a directory (created if missing)"
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"{blocker} is a file, so no directory can be made under it; pass another directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e}); pass a directory you can write to"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the requested modes, print the table, write profile.json and profile.png; returns the exit status."""
     parser = build_parser()
@@ -199,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = output_dir_problem(out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     config = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "seq_len", "group_size", "dtype", "lr",
                                             "seed", "interval_ms", "gradient_checkpointing")}
     cuda = torch.cuda.is_available()

@@ -12,6 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DESCRIPTION = "Fine-tune a Hugging Face model with HiFT (or plain DeepSpeed full fine-tuning) on JSONL data."
 log = logging.getLogger(__package__)  # the CLI's messages keep the one name "hift_ds.train"
+HIFT_ONLY = ("--group-size", "--strategy")  # options of --mode hift alone
 
 
 def _at_least(kind: type, low: int, strict: bool = False):
@@ -106,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and args.overwrite_output_dir:
         parser.error("--resume continues the run in --output-dir, --overwrite-output-dir deletes it: pass one")
+    hift_only = [flag for flag in HIFT_ONLY if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.mode != "hift" and hift_only:
+        parser.error(f"{' and '.join(hift_only)} set{'s' if len(hift_only) == 1 else ''} HiFT's groups, which --mode "
+                     f"{args.mode} does not have; drop {'it' if len(hift_only) == 1 else 'them'}, or use --mode hift")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.mode)  # an fpft run must not overwrite a HiFT one
     return args

@@ -1,10 +1,12 @@
 """JSONL data for launch/train.py: classification (text/label) and instruction (instruction/input/output)."""
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import random
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -14,22 +16,33 @@ log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL file; errors name the file and the line."""
+    """Records of a JSONL file, gzip-compressed or not (told by its first bytes); errors name the file and the line."""
+    if os.path.isdir(path):
+        raise ValueError(f"data path {path!r} is a directory; pass the .jsonl file in it (or a .jsonl.gz)")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist; pass --data <path to a .jsonl file>")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}); each line must be one JSON "
-                                 "object") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    records, lineno = [], 0
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}); each line must be one JSON "
+                                     "object") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                records.append(rec)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text; the data must be JSONL in UTF-8, plain or "
+                         "gzip-compressed (.jsonl.gz)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: a damaged gzip file ({e}); compress the JSONL again, or pass it uncompressed") \
+            from None
     if not records:
         raise ValueError(f"data file {path!r} has no records")
     return records
@@ -69,9 +82,32 @@ def split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[di
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 
 
-def label_set(train: list[dict]) -> list:
-    """Sorted distinct labels of the training records."""
-    return sorted({r["label"] for r in train}, key=lambda v: (str(type(v)), v))
+def label_set(train: list[dict], path: str = "data") -> list:
+    """Sorted distinct labels of the training records; a classifier needs two at least."""
+    labels = sorted({r["label"] for r in train}, key=lambda v: (str(type(v)), v))
+    if len(labels) < 2:
+        raise ValueError(f"{path}: every training record has the label {labels[0]!r}: a classifier needs two labels "
+                         "at least; add records of the other classes")
+    return labels
+
+
+def usable_classification(records: list[dict], path: str = "data") -> list[dict]:
+    """The text/label records whose text is a string and whose label a string or number; one warning counts the rest."""
+    def usable(r: dict) -> bool:
+        return isinstance(r["text"], str) and isinstance(r["label"], (str, int, float)) and r["label"] == r["label"]
+
+    kept = [r for r in records if usable(r)]
+    if len(kept) < len(records):
+        first = next(i for i, r in enumerate(records, 1) if not usable(r))
+        bad = records[first - 1]
+        what = ("text" if not isinstance(bad["text"], str) else "label")
+        if not kept:
+            raise ValueError(f"{path}: no record has a text string and a label (string or number); record {first}'s "
+                             f"{what} is {bad[what]!r}")
+        log.warning("%s: skipped %d of %d records whose text is not a string or whose label is not a string or "
+                    "number (the first: record %d, %s %r)", path, len(records) - len(kept), len(records), first, what,
+                    bad[what])
+    return kept
 
 
 @dataclass
@@ -111,7 +147,7 @@ def encode_classification(records: list[dict], tokenizer, labels: list, max_leng
     if bad:
         raise ValueError(f"{path}: record {bad[0][0]} has label {bad[0][1]!r} outside the label set {labels} "
                          f"({len(bad)} such records)")
-    enc = tokenizer([str(r["text"]) for r in records], truncation=True, max_length=max_length,
+    enc = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length,
                     padding="max_length", return_tensors="pt")
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor([index[r["label"]] for r in records]))
 

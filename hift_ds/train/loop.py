@@ -81,22 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def prepare_data(args: argparse.Namespace) -> Job:
-    """Read and split the data, load the model (partitioned under ZeRO-3) and encode both sets for it."""
-    from hift_ds.config import load_ds_config
-
+    """Read and check the data and the config, load the model (partitioned under ZeRO-3), encode both sets for it."""
     model_path, data_path = resolve_job(args)
-    records = D.read_jsonl(data_path)
-    task = D.detect_task(records, data_path)
-    if args.task is not None and args.data is not None and task != args.task:
-        raise ValueError(f"--task {args.task}, but {data_path} holds {task} records; drop --task or pass "
-                         f"{args.task} data")
-    if args.eval_data:
-        train_recs, eval_recs = records, D.read_jsonl(args.eval_data)
-        D.detect_task(eval_recs, args.eval_data)
-    else:
-        train_recs, eval_recs = D.split(records, args.eval_fraction, args.seed)
-    labels = D.label_set(train_recs) if task == D.CLASSIFICATION else []
-    ds_file = load_ds_config(args.deepspeed)
+    task, train_recs, eval_recs = read_records(args, data_path)
+    labels = D.label_set(train_recs, data_path) if task == D.CLASSIFICATION else []
+    ds_file = check_config(args, len(train_recs))
     zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
     # The last check before the model loads (the slow part): the input is fine, now where the run writes.
     check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
@@ -120,6 +109,42 @@ def prepare_data(args: argparse.Namespace) -> Job:
     instruction = task == D.INSTRUCTION
     return Job(task, tok, model, train_ds, eval_ds, samples=eval_recs[:args.samples] if instruction else [],
                chat=instruction and D.uses_chat_template(tok, args.prompt_format), zero3=zero3)
+
+
+def read_records(args: argparse.Namespace, data_path: str) -> tuple[str, list[dict], list[dict]]:
+    """(task, training records, held-out records): read and checked, unusable classification records skipped."""
+    records = D.read_jsonl(data_path)
+    task = D.detect_task(records, data_path)
+    if args.task is not None and args.data is not None and task != args.task:
+        raise ValueError(f"--task {args.task}, but {data_path} holds {task} records; drop --task or pass "
+                         f"{args.task} data")
+    if task == D.CLASSIFICATION:
+        records = D.usable_classification(records, data_path)
+    if not args.eval_data:
+        return (task, *D.split(records, args.eval_fraction, args.seed))
+    eval_recs = D.read_jsonl(args.eval_data)
+    eval_task = D.detect_task(eval_recs, args.eval_data)
+    if eval_task != task:
+        raise ValueError(f"--eval-data {args.eval_data} holds {eval_task} records, --data {data_path} {task} "
+                         "records; pass held-out records of the same task")
+    if task == D.CLASSIFICATION:
+        eval_recs = D.usable_classification(eval_recs, args.eval_data)
+    return task, records, eval_recs
+
+
+def check_config(args: argparse.Namespace, train_size: int) -> dict:
+    """The DeepSpeed config file as read, after checking it as hift_ds.initialize will, before any model is loaded.
+
+    (At ZeRO-3 the model is built partitioned, under the config's settings: a setting HiFT refuses must
+    be refused before that, not fail inside it.)
+    """
+    from hift_ds.config import load_ds_config
+
+    cfg = build_config(args, train_size, int(os.environ.get("WORLD_SIZE", "1")))  # wrong JSON types named
+    if args.mode == "hift":
+        from hift_ds.deepspeed.plan import build_plan
+        build_plan({k: v for k, v in cfg.items() if k != "_total_steps"})
+    return load_ds_config(args.deepspeed)
 
 
 def build_engine(args: argparse.Namespace, job: Job) -> Run:

@@ -15,6 +15,7 @@ def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None 
     """
     import transformers
 
+    check_model_path(path)
     if os.path.isdir(path) and not any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path)):
         raise ValueError(f"model directory {path!r} has no weights (*.safetensors or *.bin); point --model at a "
                          "saved model (save_pretrained output) or a hub name")
@@ -24,6 +25,7 @@ def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None 
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         if task == "classification":
+            check_label_count(transformers.AutoConfig.from_pretrained(path), path, num_labels)
             model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(path)
@@ -34,6 +36,29 @@ def load_model(path: str, task: str, num_labels: int, zero3_config: dict | None 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return tok, model
+
+
+def check_model_path(path: str) -> None:
+    """A --model that names a file, or a local path that does not exist, is refused before transformers sees it."""
+    if os.path.isfile(path):
+        raise ValueError(f"--model {path!r} is a file; pass the model's directory (a save_pretrained folder: "
+                         "config.json and the weights) or a Hugging Face hub name")
+    # A hub name is "name" or "org/name"; anything else that is not here is a local path that does not exist
+    # (transformers would answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'").
+    local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+    if local and not os.path.exists(path):
+        raise ValueError(f"--model {path!r} does not exist; pass a model directory (a save_pretrained folder) or a "
+                         "Hugging Face hub name")
+
+
+def check_label_count(config, path: str, num_labels: int) -> None:
+    """A saved sequence classifier whose head has another number of labels than the data cannot be fine-tuned on it."""
+    heads = [a for a in getattr(config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+    if heads and config.num_labels != num_labels:
+        names = list((getattr(config, "id2label", None) or {}).values())
+        raise ValueError(f"--model {path} is a classifier with {config.num_labels} labels ({names}), the data has "
+                         f"{num_labels}; pass data with its {config.num_labels} labels, or the model it was "
+                         "fine-tuned from (which gets a new head for the data's labels)")
 
 
 def save_final(model, tok, final: str, state_dict: dict | None = None) -> None:
