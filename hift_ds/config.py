@@ -26,7 +26,17 @@ class OffloadConfig(BaseModel):
     device: Literal["auto", "cpu", "none"] = "auto"
     pin_memory: bool = True
     prefetch: bool = True
-    slots: Literal[1, 2] = 2  # device buffers: 2 overlap a group's copy-out with the next one's copy-in
+    # Device buffers, each one group's masters + state: with more, copies run further ahead of the step that
+    # needs them (a lead of about `slots` steps); one still overlaps both copy directions, chunk by chunk.
+    slots: Literal[1, 2, 3] = 2
+    chunk_mib: int = 128  # copies move in chunks of this many MiB (one event each)
+
+    @field_validator("chunk_mib")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (MiB), got {v}")
+        return v
 
 
 class HiFTConfig(BaseModel):
@@ -63,7 +73,7 @@ class HiFTConfig(BaseModel):
         """Keyword arguments for ``HiFTOptimizer`` (everything but the optimizer's own)."""
         kw = dict(strategy=self.strategy, seed=self.seed, units=self.units, offload=self.offload.device,
                   pin_memory=self.offload.pin_memory, prefetch=self.offload.prefetch,
-                  offload_slots=self.offload.slots, kernel=self.kernel)
+                  offload_slots=self.offload.slots, offload_chunk_mib=self.offload.chunk_mib, kernel=self.kernel)
         group_size, num_groups = self.grouping()
         kw.update({"num_groups": num_groups} if num_groups is not None else {"group_size": group_size})
         return kw
@@ -97,15 +107,17 @@ def parse_hift_config(block: Any) -> HiFTConfig:
 
 def hift_settings(*, group_size: int | None = None, num_groups: int | None = None, strategy: str = "bottom2up",
                   seed: int = 0, units: list[str] | None = None, offload: str = "auto", pin_memory: bool = True,
-                  prefetch: bool = True, offload_slots: int = 2, kernel: str = "auto") -> HiFTConfig:
+                  prefetch: bool = True, offload_slots: int = 2, offload_chunk_mib: int = 128,
+                  kernel: str = "auto") -> HiFTConfig:
     """HiFTOptimizer's keyword arguments checked as the "hift" block is: the same rules, the same messages.
 
-    An error names the block's key (``offload.slots`` for ``offload_slots``, ``offload.device`` for
-    ``offload``), as it does for a config.
+    An error names the block's key (``offload.slots`` for ``offload_slots``, ``offload.chunk_mib`` for
+    ``offload_chunk_mib``, ``offload.device`` for ``offload``), as it does for a config.
     """
     return parse_hift_config({
         "group_size": group_size, "num_groups": num_groups, "strategy": strategy, "seed": seed, "units": units,
-        "offload": {"device": offload, "pin_memory": pin_memory, "prefetch": prefetch, "slots": offload_slots},
+        "offload": {"device": offload, "pin_memory": pin_memory, "prefetch": prefetch, "slots": offload_slots,
+                    "chunk_mib": offload_chunk_mib},
         "kernel": kernel})
 
 

@@ -12,7 +12,11 @@ kind of missing wait:
 As in torch, a copy runs on the current stream of the CUDA device its tensor is on, and the defaults
 are kept: ``Stream(None)``, ``current_stream(None)``: the current device; ``Event.record(None)``: the
 current stream; ``torch.cuda.stream(None)``: no change. Tensors "on" a simulated device are CPU
-tensors remembered by storage; pinning is recorded, not done (torch here may have no CUDA).
+tensors remembered by storage; pinning is recorded, not done (torch here may have no CUDA):
+``pin_memory=True`` marks a storage, ``torch.cuda.cudart().cudaHostRegister`` a byte range, as the
+driver does (whole pages; a range overlapping one already registered, an unregister of an address
+not registered and an unregister while a stream still has queued work are errors, recorded in
+``errors``).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class FakeStream:
 
     def __init__(self, device: torch.device | int | str | None = None, priority: int = 0):
         self.device = _SIM.resolve(device)
+        _SIM.streams.append(self)
         self.work: list[Callable[[], None]] = []
         self.done = 0  # how many queued items have run
 
@@ -93,6 +98,10 @@ class FakeCuda(TorchFunctionMode):
         self._current: dict[int, FakeStream] = {}  # per device index, inside torch.cuda.stream(...)
         self.tensors: dict[int, tuple[torch.device, bool]] = {}  # storage address -> (device, pinned)
         self.copies: list[tuple[FakeStream, bool]] = []  # (stream, non_blocking) of every device copy
+        self.streams: list[FakeStream] = []  # every stream made, to check none has queued work at an unregister
+        self.registered: dict[int, int] = {}  # cudaHostRegister: address -> bytes, while registered
+        self.unregistered: list[tuple[int, int]] = []  # (address, bytes) of every unregister, in order
+        self.errors: list[str] = []
         self.compute_device = self.resolve(compute_device)
 
     @property
@@ -144,12 +153,19 @@ class FakeCuda(TorchFunctionMode):
         self.compute.enqueue(fn)
 
     def where(self, t: torch.Tensor) -> tuple[torch.device, bool]:
-        """(device, pinned) of a tensor the simulation allocated; (cpu, False) for any other."""
-        return self.tensors.get(t.untyped_storage().data_ptr(), (torch.device("cpu"), False))
+        """(device, pinned) of a tensor the simulation allocated, pinned also when every byte of it lies in a
+        registered range; (cpu, False) for any other."""
+        device, pinned = self.tensors.get(t.untyped_storage().data_ptr(), (torch.device("cpu"), False))
+        return device, pinned or (device.type == "cpu" and self.registered_bytes(t.data_ptr(), t.numel() *
+                                                                                 t.element_size()) > 0)
+
+    def registered_bytes(self, ptr: int, nbytes: int) -> int:
+        """``nbytes`` if [ptr, ptr + nbytes) lies in one registered range, else 0."""
+        return nbytes if any(a <= ptr and ptr + nbytes <= a + n for a, n in self.registered.items()) else 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.full:
+        if func in (torch.full, torch.empty):
             device = torch.device(kwargs.pop("device", None) or "cpu")
             pinned = bool(kwargs.pop("pin_memory", False))
             if device.type == "cuda":
@@ -174,6 +190,37 @@ class FakeCuda(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+PAGE = 4096
+ERROR_ALREADY_REGISTERED, ERROR_NOT_REGISTERED = 712, 713  # cudaErrorHostMemory{Already,Not}Registered
+
+
+class FakeCudart:
+    """``torch.cuda.cudart()``: page-locking host memory, recorded (cudaError codes as ints, 0 = success)."""
+
+    def __init__(self, sim: FakeCuda):
+        self.sim = sim
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 - the CUDA name
+        sim = self.sim
+        first, end = ptr // PAGE * PAGE, -(-(ptr + size) // PAGE) * PAGE  # the driver locks whole pages
+        if any(first < -(-(a + n) // PAGE) * PAGE and a // PAGE * PAGE < end for a, n in sim.registered.items()):
+            sim.errors.append(f"cudaHostRegister({ptr:#x}, {size}): overlaps a registered range")
+            return ERROR_ALREADY_REGISTERED
+        sim.registered[ptr] = size
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802 - the CUDA name
+        sim = self.sim
+        if ptr not in sim.registered:
+            sim.errors.append(f"cudaHostUnregister({ptr:#x}): not registered")
+            return ERROR_NOT_REGISTERED
+        busy = [s for s in sim.streams if s.done < len(s.work)]
+        if busy:
+            sim.errors.append(f"cudaHostUnregister({ptr:#x}) with work still queued on {len(busy)} stream(s)")
+        sim.unregistered.append((ptr, sim.registered.pop(ptr)))
+        return 0
+
+
 def _record_stream(tensor: torch.Tensor, stream: FakeStream) -> None:
     """``Tensor.record_stream``: checks its argument (the caching allocator is not simulated)."""
     if not isinstance(stream, FakeStream):
@@ -186,8 +233,10 @@ def fake_cuda(late: str, compute_device: str = "cuda:1"):
     global _SIM
     _SIM = FakeCuda(late, compute_device)
     with pytest.MonkeyPatch.context() as mp:
+        cudart = FakeCudart(_SIM)
         for name, value in {"is_available": lambda: True, "Stream": FakeStream, "Event": FakeEvent,
-                            "stream": _SIM.stream, "current_stream": _SIM.current_stream}.items():
+                            "stream": _SIM.stream, "current_stream": _SIM.current_stream,
+                            "cudart": lambda: cudart}.items():
             mp.setattr(torch.cuda, name, value)
         mp.setattr(torch.Tensor, "record_stream", _record_stream)
         try:

@@ -47,11 +47,11 @@ def test_triton_matches_reference_on_cuda(name, kw, model_dtype):
 class LateCopies(GroupStore):
     """The store with every copy-in and copy-out delayed on its copy stream."""
 
-    def prefetch(self, g: int) -> None:
-        if self._h2d is not None and g not in self._slot_group:
+    def _copy_in(self, g: int, s: int) -> None:
+        if self._h2d is not None:
             with torch.cuda.stream(self._h2d):
                 torch.cuda._sleep(SLEEP_CYCLES)
-        super().prefetch(g)
+        super()._copy_in(g, s)
 
     def _start_copy_out(self, s: int) -> None:
         if self._d2h is not None:
@@ -68,7 +68,7 @@ class LateCopiesWithoutWaits(LateCopies):
             self.start_copy_outs()  # as GroupStore.acquire: a deferred copy-in is needed now
         self.prefetch(g)
         s = self.slot_of(g)
-        self._filled[s] = self._emptied[s] = None
+        self._filled[s] = self._last_read[s] = None
         return super().acquire(g)
 
 

@@ -67,9 +67,12 @@ ROWS = {
     "offload_device": Row("offload.device: Input should be 'auto', 'cpu' or 'none' (got 'disk')",
                           config={"hift": {"offload": {"device": "disk"}}}, optimizer=dict(offload="disk"),
                           trainer=(dict(hift={"offload": {"device": "disk"}}), {})),
-    "offload_slots": Row("offload.slots: Input should be 1 or 2 (got 3)", config={"hift": {"offload": {"slots": 3}}},
-                         optimizer=dict(offload_slots=3),
-                         trainer=(dict(hift={"offload": {"slots": 3}}), {})),
+    "offload_slots": Row("offload.slots: Input should be 1, 2 or 3 (got 4)", config={"hift": {"offload": {"slots": 4}}},
+                         optimizer=dict(offload_slots=4),
+                         trainer=(dict(hift={"offload": {"slots": 4}}), {})),
+    "offload_chunk_mib": Row("offload.chunk_mib: must be >= 1 (MiB), got 0",
+                             config={"hift": {"offload": {"chunk_mib": 0}}}, optimizer=dict(offload_chunk_mib=0),
+                             trainer=(dict(hift={"offload": {"chunk_mib": 0}}), {})),
     "kernel": Row("kernel: Input should be 'auto', 'triton' or 'torch' (got 'cuda')",
                   config={"hift": {"kernel": "cuda"}}, optimizer=dict(kernel="cuda"),
                   trainer=(dict(hift={"kernel": "cuda"}), {})),
@@ -270,15 +273,16 @@ def test_trainer_check_leaves_auto_values_to_be_filled():
 
 def test_hift_settings_are_the_hift_block():
     kwargs = dict(num_groups=3, strategy="random", seed=4, offload="cpu", pin_memory=False, prefetch=False,
-                  offload_slots=1, kernel="torch")
+                  offload_slots=3, offload_chunk_mib=64, kernel="torch")
     block = {"num_groups": 3, "strategy": "random", "seed": 4, "kernel": "torch",
-             "offload": {"device": "cpu", "pin_memory": False, "prefetch": False, "slots": 1}}
+             "offload": {"device": "cpu", "pin_memory": False, "prefetch": False, "slots": 3, "chunk_mib": 64}}
     assert hift_settings(**kwargs) == parse_hift_config(block)
     assert hift_settings(**kwargs).optimizer_kwargs() == {**kwargs, "units": None}
     assert hift_settings().grouping() == (1, None) and hift_settings(group_size=3).grouping() == (3, None)
-    for bad in (dict(group_size=0), dict(strategy="x"), dict(offload_slots=3)):
+    for bad in (dict(group_size=0), dict(strategy="x"), dict(offload_slots=4), dict(offload_chunk_mib=0)):
         name = next(iter(bad))
-        block = {"offload": {"slots": 3}} if name == "offload_slots" else bad
+        block = {"offload": {"slots": 4}} if name == "offload_slots" else \
+            {"offload": {"chunk_mib": 0}} if name == "offload_chunk_mib" else bad
         with pytest.raises(ValueError) as from_kwargs:
             hift_settings(**bad)
         with pytest.raises(ValueError) as from_block:

@@ -34,7 +34,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: str | type = "adamw", *, group_size: int | None = None,
                  num_groups: int | None = None, strategy: str = "bottom2up", seed: int = 0,
                  units: list[str] | None = None, offload: str = "auto", pin_memory: bool = True,
-                 prefetch: bool = True, offload_slots: int = 2, kernel: str = "auto",
+                 prefetch: bool = True, offload_slots: int = 2, offload_chunk_mib: int = 128, kernel: str = "auto",
                  loss_scaler: DynamicLossScaler | None = None, max_grad_norm: float = 0.0,
                  sharding: Sharding | None = None, **optimizer_kwargs):
         if not isinstance(model, nn.Module):
@@ -42,7 +42,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # The same rules and messages as the "hift" block of a DeepSpeed config.
         hift_settings(group_size=group_size, num_groups=num_groups, strategy=strategy, seed=seed, units=units,
                       kernel=kernel, offload=offload, pin_memory=pin_memory, prefetch=prefetch,
-                      offload_slots=offload_slots)
+                      offload_slots=offload_slots, offload_chunk_mib=offload_chunk_mib)
         if max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm}")
         self.name, self._inner_cls = resolve_optimizer(optimizer)
@@ -69,7 +69,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.inner = None
             self.store = build_store(self.sharding, self._params, kernels.state_kinds(self.name, hyper),
                                      flat=self.backend == "triton", masters=self.masters, offload=self.offload == "cpu",
-                                     pin_memory=pin_memory, slots=offload_slots)
+                                     pin_memory=pin_memory, slots=offload_slots,
+                                     chunk_mib=offload_chunk_mib)
             self.sync_masters_from_model()
             if self.store.offload and len(self.units) > 1:  # copies home wait for the first block (store.py: why)
                 start_copy_outs_before(first_module_of(model, self.units[1].params[0][1]), self.store)
@@ -139,14 +140,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for g, bufs in enumerate(self.store.home):
             bufs[MASTER].copy_(self.sharding.masters_from_model(g))
         if self.prefetch:
-            self.store.prefetch(self.active_group)
+            self.store.prefetch(*self._upcoming())
 
     def _activate(self, g: int) -> None:
         for p in self._params[g]:
             p.requires_grad_(True)
         self.sharding.activate(g)
         if self.store is not None and self.prefetch:
-            self.store.prefetch(g)
+            self.store.prefetch(*self._upcoming())  # g first: it is the active group
+
+    def _upcoming(self) -> list[int]:
+        """The groups the next steps train, one per offload slot: the store copies them in as slots free up."""
+        return [self.schedule.peek(i) for i in range(self.store.lookahead)]
 
     def reduce_in_next_backward(self, last_micro_batch: bool = True) -> None:
         """ZeRO-2: reduce the coming backward's gradients as produced (only on the last micro-batch)."""

@@ -1,13 +1,25 @@
-"""Home of every HiFT group's fp32 masters and optimizer state, with asynchronous prefetch.
+"""Home of every HiFT group's fp32 masters and optimizer state, with asynchronous prefetch in chunks.
 
-Each group owns one contiguous fp32 buffer per kind ("master", "exp_avg", ...), allocated once.
-With offload the buffers live in (pinned) host memory and the active group is copied into a
-device *slot*. Two slots and two copy streams (one per direction) make a step's copies run
-concurrently: the next group is copied into the other slot on the host-to-device stream right
-after a step, and the group just updated is copied home on the device-to-host stream, both
-overlapping the next forward/backward. CUDA events order the streams; the compute stream only
-waits for the copy it needs. Without CUDA the same code runs with plain synchronous copies,
-which CPU CI exercises.
+Each group's state is one block of ``len(kinds) x n`` fp32 values, kind after kind ("master",
+"exp_avg", ...). With offload the blocks live in one host allocation, pinned at its exact size
+(``pinning.py``), and a group is copied into a device *slot* to be updated: one buffer per slot,
+of the largest block's size, holding the group in the same layout, so a kind is a contiguous view
+for the fused update and any byte range of a block is one copy. Without CUDA the same code runs
+with plain synchronous copies, which CPU CI exercises (and ``tests/fake_cuda.py`` runs the CUDA path
+on a simulated device).
+
+Copies move in chunks (``chunk_mib``, 128 MiB by default) on two side streams, one per direction,
+with one event per chunk of a copy home. A slot is refilled chunk by chunk: chunk c of the next
+group is copied in as soon as chunk c of the slot's previous group is home, so both copy engines
+run at once even with one slot, and a group copied into a slot that is still draining does not
+wait for the whole copy home. The update reads the whole group (one fused launch), so ``acquire``
+waits for the group's last chunk (the chunks of one copy are queued in order on one stream).
+
+The lead: after each step the optimizer prefetches as many upcoming groups as there are slots. The
+slot of the group just updated receives the group ``slots`` steps ahead, chunk by chunk behind its
+copy home, so copies run ahead into earlier, longer steps as far as slot memory allows. Two slots
+give a lead of about two steps at the cost of one more group's state on the device; one slot still
+overlaps both directions.
 
 The copy home starts late on purpose: at the next forward's first block (``start_copy_outs``,
 called by a forward pre-hook), not at the end of the step. A GPU has one copy engine per
@@ -16,8 +28,9 @@ device-to-host read queued behind a group's copy-out waits for all of it, and so
 that asked for it. Hugging Face models make such a read at the start of every forward (the mask
 code checks the inputs with ``.all()``), and on an H200 it held each step for the whole copy-out
 (47 ms of 66 at the LLaMA-2-7B shape), with no kernel running. Past the model's input
-preparation the copy-out overlaps compute only; with one slot the next group's copy-in follows it
-there. A checkpoint (``synchronize``) or an ``acquire`` that needs the slot starts them earlier.
+preparation the copy-out overlaps compute only; the copy-ins that follow it into its slot are
+queued there too. A checkpoint (``synchronize``) or an ``acquire`` that needs the slot starts them
+earlier.
 """
 from __future__ import annotations
 
@@ -27,107 +40,170 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from hift_ds.optim.pinning import padded_numel, pin_exact
+
 MASTER = "master"
+MAX_SLOTS = 3
+DEFAULT_CHUNK_MIB = 128
 
 
 class GroupStore:
-    """Flat per-group buffers of masters and optimizer state, resident or offloaded."""
+    """Per-group blocks of masters and optimizer state, resident or offloaded (copied in chunks)."""
 
-    def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: bool,
-                 offload: bool, device: torch.device, pin_memory: bool = True, slots: int = 2):
-        if slots not in (1, 2):
-            raise ValueError(f"offload slots must be 1 or 2, got {slots!r}")
+    def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: bool, offload: bool,
+                 device: torch.device, pin_memory: bool = True, slots: int = 2,
+                 chunk_mib: int = DEFAULT_CHUNK_MIB):
+        if slots not in range(1, MAX_SLOTS + 1):
+            raise ValueError(f"offload slots must be 1, 2 or 3, got {slots!r}")
+        if not isinstance(chunk_mib, int) or chunk_mib < 1:
+            raise ValueError(f"offload chunk_mib must be a positive integer, got {chunk_mib!r}")
         self.device = torch.device(device)
         self.offload = offload
         # The owner fills the masters (from its weights) once the buffers exist.
         self.kinds = ({MASTER: 0.0} if masters else {}) | dict(kinds)
         self.numels = list(numels)
+        width = len(self.kinds)
+        self._block = [width * n for n in self.numels]  # elements of each group's block (every kind)
         on_cuda = self.device.type == "cuda"
         self.pinned = offload and pin_memory and on_cuda and torch.cuda.is_available()
-        home_device = torch.device("cpu") if offload else self.device
-        self.home: list[dict[str, Tensor]] = []
-        for n in self.numels:
-            self.home.append({k: self._alloc(n, home_device, fill) for k, fill in self.kinds.items()})
-        # Two slots let the copy-out of the group just updated and the copy-in of the next one run
-        # at once, on the two copy engines (one per direction). One slot serialises them (the copy-in
-        # must wait until the copy-out has read the slot) and saves one group's state of memory.
-        self.slots: list[dict[str, Tensor]] = []
-        if offload and self.kinds:
-            biggest = max(self.numels)
-            self.slots = [{k: self._alloc(biggest, self.device, 0.0) for k in self.kinds} for _ in range(slots)]
-        self._slot_group: list[int | None] = [None] * len(self.slots)
-        self._last_use = [0] * len(self.slots)  # when each slot was last acquired (least recently used is refilled)
-        self._uses = 0
-        # Per slot: the copy-in that fills it, and the copy-out still reading it (None when nothing is pending).
-        self._filled: list[torch.cuda.Event | None] = [None] * len(self.slots)
-        self._emptied: list[torch.cuda.Event | None] = [None] * len(self.slots)
-        # Released slots whose copy home has not started: slot -> the compute stream's event after the update.
-        self._released: dict[int, torch.cuda.Event | None] = {}
-        self.defer_copy_out = False  # set by start_copy_outs_before: copies home wait for that module
-        self._prefetch_after_copy_out: int | None = None  # a group whose slot is still to be copied home
         cuda_copies = offload and on_cuda
         self._h2d = torch.cuda.Stream(self.device) if cuda_copies else None
         self._d2h = torch.cuda.Stream(self.device) if cuda_copies else None
+        self.pinned_bytes = 0  # bytes page-locked for the home blocks (registered: exactly these)
+        self._home_blocks = self._alloc_home(torch.device("cpu") if offload else self.device)
+        self.home: list[dict[str, Tensor]] = [self._kinds_of(b, n) for b, n in zip(self._home_blocks, self.numels)]
+        for bufs in self.home:
+            for k, buf in bufs.items():
+                buf.fill_(self.kinds[k])
+        self.slots: list[Tensor] = []
+        if offload and self.kinds:
+            self.slots = [self._alloc(max(self._block), self.device, 0.0) for _ in range(slots)]
+            for slot in self.slots:
+                for stream in (self._h2d, self._d2h):
+                    if stream is not None:
+                        # Once is enough: if the store is freed with copies queued, the allocator waits for
+                        # the work queued on these streams at that time before reusing the slot.
+                        slot.record_stream(stream)
+        self.chunk = max(1, chunk_mib * 2 ** 20 // 4)  # fp32 elements per chunk (tests set fewer, before any copy)
+        self.lookahead = len(self.slots)  # upcoming groups worth prefetching: one per slot
+        n = len(self.slots)
+        self._slot_group: list[int | None] = [None] * n
+        self._last_use = [0] * n  # when each slot was last assigned or acquired (least recently used is refilled)
+        self._uses = 0
+        # Per slot: the event after its group's copy-in (None when nothing to wait for); per chunk of the slot,
+        # the event after the last copy home that read it; the slot's last copy home (for a group that
+        # follows itself: the update must not overwrite what its copy home is still reading).
+        self._filled: list[torch.cuda.Event | None] = [None] * n
+        self._read: list[dict[int, torch.cuda.Event]] = [{} for _ in range(n)]
+        self._last_read: list[torch.cuda.Event | None] = [None] * n
+        # Released slots whose copy home has not started: slot -> the compute stream's event after the update.
+        self._released: dict[int, torch.cuda.Event | None] = {}
+        self.defer_copy_out = False  # set by start_copy_outs_before: copies home wait for that module
+        # Groups whose copy-in waits for a held-back copy home: group -> the slot it will refill.
+        self._waiting: dict[int, int] = {}
 
-    def _alloc(self, n: int, device: torch.device, fill: float) -> Tensor:
-        pin = self.pinned and device.type == "cpu"
-        return torch.full((n,), fill, dtype=torch.float32, device=device, pin_memory=pin)
+    # ---- allocation --------------------------------------------------------------------------
+    def _alloc(self, n: int, device: torch.device, fill: float | None) -> Tensor:
+        if fill is None:  # the home blocks: each kind is filled once, after the layout is known
+            return torch.empty(n, dtype=torch.float32, device=device)
+        return torch.full((n,), fill, dtype=torch.float32, device=device)
 
+    def _alloc_home(self, device: torch.device) -> list[Tensor]:
+        """Every group's block, as views into one allocation (pinned at its exact size when ``pinned``)."""
+        total = sum(self._block)
+        if self.pinned:
+            raw = self._alloc(padded_numel(total, 4), device, None)
+            arena, self.pinned_bytes = pin_exact(raw, total, self, [s for s in (self._h2d, self._d2h) if s])
+        else:
+            arena = self._alloc(total, device, None)
+        starts = [sum(self._block[:g]) for g in range(len(self._block))]
+        return [arena[a: a + n] for a, n in zip(starts, self._block)]
+
+    def _kinds_of(self, block: Tensor, n: int) -> dict[str, Tensor]:
+        """The kind views of a block (or of a slot holding a group of ``n`` elements)."""
+        return {k: block[i * n: (i + 1) * n] for i, k in enumerate(self.kinds)}
+
+    def _chunks(self, elements: int) -> int:
+        return -(-elements // self.chunk)
+
+    def _ranges(self, elements: int):
+        """(chunk index, start, end) of each chunk of a block of ``elements``: the last one may be shorter."""
+        for c in range(self._chunks(elements)):
+            yield c, c * self.chunk, min((c + 1) * self.chunk, elements)
+
+    # ---- slots -------------------------------------------------------------------------------
     def slot_of(self, g: int) -> int | None:
         """Index of the slot holding (or receiving) group ``g``, or None."""
         return self._slot_group.index(g) if g in self._slot_group else None
 
-    def prefetch(self, g: int) -> None:
-        """Start copying group ``g``'s buffers to the device (no-op when resident or already in a slot)."""
-        if not self.offload or not self.kinds or g in self._slot_group:
+    def in_slot(self, s: int) -> dict[str, Tensor]:
+        """The kind views of slot ``s``'s group (as the update will see them)."""
+        return self._kinds_of(self.slots[s], self.numels[self._slot_group[s]])
+
+    def prefetch(self, *groups: int) -> None:
+        """Start copying the groups the next steps train (in that order) into slots, as many as there are
+        slots; a group already in a slot stays there. No-op when resident."""
+        if not self.offload or not self.kinds:
             return
-        s = min(range(len(self.slots)), key=lambda i: self._last_use[i])
-        if s in self._released:  # one slot, or a short cycle: the group leaving must go home first,
-            if self.defer_copy_out:  # and its copy home waits for the next forward: so does this copy-in
-                self._prefetch_after_copy_out = g
+        wanted = list(dict.fromkeys(groups))[:len(self.slots)]
+        for g in wanted:
+            if g in self._slot_group or g in self._waiting:
+                continue
+            free = [s for s in range(len(self.slots)) if self._slot_group[s] not in wanted
+                    and s not in self._waiting.values()]
+            if not free:
                 return
-            self._start_copy_out(s)
+            s = min(free, key=lambda i: self._last_use[i])
+            if s in self._released:  # the group leaving must go home first
+                if self.defer_copy_out:  # and its copy home waits for the next forward: so does this copy-in
+                    self._waiting[g] = s
+                    continue
+                self._start_copy_out(s)
+            self._copy_in(g, s)
+
+    def _copy_in(self, g: int, s: int) -> None:
         self._slot_group[s] = g
         self._last_use[s] = self._uses = self._uses + 1  # not refilled before it is acquired
-        n = self.numels[g]
+        src, dst = self._home_blocks[g], self.slots[s]
         if self._h2d is None:
-            for k, dst in self.slots[s].items():
-                dst[:n].copy_(self.home[g][k])
+            dst[:src.numel()].copy_(src)
             return
         with torch.cuda.stream(self._h2d):
-            if self._emptied[s] is not None:  # the slot's previous group may still be on its way home
-                self._h2d.wait_event(self._emptied[s])
-                self._emptied[s] = None
-            for k, dst in self.slots[s].items():
-                dst[:n].copy_(self.home[g][k], non_blocking=True)
-                # If the store is freed with this copy queued, the allocator must not hand the
-                # slot to the compute stream before the copy has run.
-                dst.record_stream(self._h2d)
+            for c, a, b in self._ranges(src.numel()):
+                read = self._read[s].pop(c, None)
+                if read is not None:  # the slot's previous group is still on its way home: this chunk of it first
+                    self._h2d.wait_event(read)
+                dst[a:b].copy_(src[a:b], non_blocking=True)
             self._filled[s] = torch.cuda.Event()
             self._filled[s].record(self._h2d)
+        # The compute stream's wait for the copy-in covers the copy home this copy-in waited for.
+        self._last_read[s] = None
 
     def acquire(self, g: int) -> dict[str, Tensor]:
-        """Group ``g``'s flat buffers on the device, ready for the compute stream to update."""
+        """Group ``g``'s kind views on the device, ready for the compute stream to update."""
         if not self.offload or not self.kinds:
             return self.home[g]
         if g not in self._slot_group:
-            self.start_copy_outs()  # a copy-in waiting for a copy-out is needed now
+            self.start_copy_outs()  # a copy-in waiting for a copy home is needed now
         self.prefetch(g)
         s = self.slot_of(g)
         self._last_use[s] = self._uses = self._uses + 1
         # The same group again before its copy home started: the slot still holds its newest state, so
-        # that copy is not needed (the next release queues one after this update).
+        # that copy is not needed (the next release queues one after this update); a copy-in that was to
+        # refill the slot after it will be fetched when asked for.
         self._released.pop(s, None)
-        compute = torch.cuda.current_stream(self.device) if self._h2d is not None else None
-        for pending in (self._filled, self._emptied):
-            # The copy-in must have landed; and if the same group was just released (it follows
-            # itself: one group, or a random order repeating across a cycle boundary), its copy-out
-            # must have read the slot before this update overwrites it.
-            if pending[s] is not None:
-                compute.wait_event(pending[s])
-                pending[s] = None
-        n = self.numels[g]
-        return {k: buf[:n] for k, buf in self.slots[s].items()}
+        self._waiting = {h: t for h, t in self._waiting.items() if t != s}
+        if self._h2d is not None:
+            compute = torch.cuda.current_stream(self.device)
+            # The whole copy-in must have landed (its chunks run in order on one stream: the last one's
+            # event covers them); and if the same group was just released (it follows itself: one group,
+            # or a random order repeating across a cycle boundary), its copy home must have read the slot
+            # before this update overwrites it.
+            for pending in (self._filled, self._last_read):
+                if pending[s] is not None:
+                    compute.wait_event(pending[s])
+                    pending[s] = None
+        return self.in_slot(s)
 
     def release(self, g: int) -> None:
         """Group ``g``'s slot is updated: copy it home, now or (``defer_copy_out``) at ``start_copy_outs``."""
@@ -147,28 +223,25 @@ class GroupStore:
 
     def start_copy_outs(self) -> None:
         """Start copying every released slot home (queued on the device-to-host stream on CUDA), then the
-        copy-in that was waiting for one of them."""
+        copy-ins that were waiting for them, each chunk behind the chunk of the copy home it replaces."""
         for s in list(self._released):
             self._start_copy_out(s)
-        g, self._prefetch_after_copy_out = self._prefetch_after_copy_out, None
-        if g is not None:
-            self.prefetch(g)
+        waiting, self._waiting = self._waiting, {}
+        for g, s in waiting.items():
+            self._copy_in(g, s)
 
     def _start_copy_out(self, s: int) -> None:
         updated = self._released.pop(s)
-        g = self._slot_group[s]
-        n = self.numels[g]
+        src, dst = self.slots[s], self._home_blocks[self._slot_group[s]]
         if self._d2h is None:
-            for k, src in self.slots[s].items():
-                self.home[g][k].copy_(src[:n])
+            dst.copy_(src[:dst.numel()])
             return
         self._d2h.wait_event(updated)
         with torch.cuda.stream(self._d2h):
-            for k, src in self.slots[s].items():
-                self.home[g][k].copy_(src[:n], non_blocking=True)
-                src.record_stream(self._d2h)
-            self._emptied[s] = torch.cuda.Event()
-            self._emptied[s].record(self._d2h)
+            for c, a, b in self._ranges(dst.numel()):
+                dst[a:b].copy_(src[a:b], non_blocking=True)
+                self._read[s][c] = self._last_read[s] = torch.cuda.Event()  # the chunk may be refilled after it
+                self._read[s][c].record(self._d2h)
 
     def synchronize(self) -> None:
         """Start the copies home not yet started and wait for every copy: the home buffers are current."""
@@ -181,18 +254,17 @@ class GroupStore:
         """Forget slot contents after the home buffers were overwritten (checkpoint load)."""
         self.synchronize()
         n = len(self.slots)
-        self._slot_group, self._filled, self._emptied = [None] * n, [None] * n, [None] * n
-        self._prefetch_after_copy_out = None
+        self._slot_group, self._filled, self._last_read = [None] * n, [None] * n, [None] * n
+        self._read = [{} for _ in range(n)]
 
     def bytes_by_location(self) -> dict[str, int]:
-        """Bytes of masters + state on the device (home if resident, else the slots) and on the host."""
-        def size(bufs: list[dict[str, Tensor]]) -> int:
-            return sum(t.numel() * t.element_size() for b in bufs for t in b.values())
-        home, slots = size(self.home), size(self.slots)
+        """Bytes of masters + state on the device (home if resident, else the slots) and on the host; pinned
+        host bytes are the bytes page-locked (the state rounded up to whole pages)."""
+        state = 4 * sum(self._block)
         if not self.offload:
-            return {"device": home, "host_pinned": 0, "host_pageable": 0}
-        return {"device": slots, "host_pinned": home if self.pinned else 0,
-                "host_pageable": 0 if self.pinned else home}
+            return {"device": state, "host_pinned": 0, "host_pageable": 0}
+        return {"device": sum(t.numel() * t.element_size() for t in self.slots), "host_pinned": self.pinned_bytes,
+                "host_pageable": 0 if self.pinned else state}
 
 
 def start_copy_outs_before(module: nn.Module | None, store: GroupStore) -> RemovableHandle | None:
@@ -218,7 +290,7 @@ def first_module_of(model: nn.Module, param: nn.Parameter) -> nn.Module | None:
 
 
 def build_store(sharding, groups: list[list[nn.Parameter]], kinds: dict[str, float], *, flat: bool, masters: bool,
-                offload: bool, pin_memory: bool, slots: int) -> GroupStore:
+                offload: bool, pin_memory: bool, slots: int, chunk_mib: int) -> GroupStore:
     """Lay ``groups`` out for the update (``sharding``; flat if asked or sharded) and allocate their masters, state."""
     sharding.bind(groups, flat=flat or sharding.always_flat, masters=masters)
     device = groups[0][0].device
@@ -228,7 +300,7 @@ def build_store(sharding, groups: list[list[nn.Parameter]], kinds: dict[str, flo
         # sizes well: without this the reserved memory holds the weights twice.
         torch.cuda.empty_cache()
     return GroupStore(sharding.store_numels, kinds, masters=masters, offload=offload, device=device,
-                      pin_memory=pin_memory, slots=slots)
+                      pin_memory=pin_memory, slots=slots, chunk_mib=chunk_mib)
 
 
 def memory_report(sharding, store: GroupStore | None, inner: torch.optim.Optimizer | None) -> dict[str, int]:
