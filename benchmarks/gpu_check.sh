@@ -26,6 +26,22 @@
 #   rehearsal:   TINY=1 STAGES=measure bash benchmarks/gpu_check.sh /tmp/measure    # tiny model, CPU set-ups
 # Its output goes to the log and to stdout (the tail of a device call shows it).
 #
+# STAGES=final is issue 25's closing call, after the chunked store (about 360 s on one H200, within BUDGET, 400 by
+# default for this stage; each part under its own limit, results printed as measured, JSON in OUTDIR):
+#   gpu tests               pytest -m gpu tests/test_gpu.py (chunked copies bitwise equal to resident training with
+#                           1-3 slots, exact pinned bytes; 46 s for the 55 tests before, about 70 s now)
+#   final_1b.json           1.1B 4x512 bare optimizer: hift-triton, hift-offload-triton (2 slots, the default) and
+#                           hift-offload-triton-1slot, FINAL_BLOCKS (6) whole-cycle blocks each, ABBA, no trace
+#   final_1b_engine.json    the same shape through hift_ds.initialize: ds-hift vs ds-hift-offload, FINAL_BLOCKS each
+#   final_7b_fit.json       LLaMA-2-7B hift-offload-triton under a 24 GiB allocator cap: 1x512, then 4x512 with
+#                           gradient checkpointing; NVML device peak against 24 GiB, pinned bytes against the state
+#   final_7b.json           LLaMA-2-7B uncapped, one process: hift-triton vs hift-offload-triton at 1x512,
+#                           FINAL_7B_BLOCKS (4) blocks each, with the three bounds (one-step lead, longer lead, the
+#                           store's pipeline modelled); then 4x512 with checkpointing on the same copies, 2 blocks each
+#   zero3                   the ZeRO-3 one-GPU check, only if 45 s of the budget are left
+#   device tool: run(command="STAGES=final bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=430)
+#   rehearsal:   TINY=1 STAGES=final bash benchmarks/gpu_check.sh /tmp/final    # tiny model, CPU set-ups
+#
 # Stages run in the order STAGES gives (default "tests zero3 headline offload"; also: compare, kernels, measure), each
 # under its own time limit and the remaining BUDGET (seconds, 440 by default), so a slow stage costs the
 # later ones, not the whole call; a stage's failure does not stop the rest. HEADLINE_BATCHES picks the 7B
@@ -41,7 +57,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # the device machine has no netw
 # This checkout's hift_ds, whatever else is installed: a script in benchmarks/ has benchmarks/ (not the root) first
 # on its path, and hift_ds.kernels now imports from the root, so the editable install below may not happen.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-budget=${BUDGET:-440}
+budget=${BUDGET:-$([ "${STAGES:-}" = final ] && echo 400 || echo 440)}
 start=$SECONDS
 
 note() { echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s)" | tee -a "$log"; }
@@ -81,12 +97,16 @@ if [ "${TINY:-0}" = 1 ]; then
   kernel_args=(--cpu-smoke)
   size7=(--model tiny --batch-size 1 --seq-len 32)  # the 7B part's protocol, on the tiny model
   pair=hift,hift-offload probe=(--probe-gib 0.01)  # set-ups a CPU runs (the Triton ones need CUDA)
+  pair3=hift,hift-offload,hift-offload-noprefetch also=2x32c
+  fit=(--model tiny --setup hift-offload --shapes 1x32,2x32c)
 else  # 24 steps: one whole cycle of llama-1b's 24 groups (a step's cost depends on its group's depth)
   size=(--model llama-1b --batch-size 4 --seq-len 512)
   steps=(--steps 24 --warmup 3 --sync-steps 3)
   kernel_args=()
   size7=(--model llama-7b --batch-size 1 --seq-len 512)
   pair=hift-triton,hift-offload-triton probe=(--probe-gib 1)
+  pair3=hift-triton,hift-offload-triton,hift-offload-triton-1slot also=4x512c
+  fit=(--model llama-7b --setup hift-offload-triton --max-memory-gib 24 --shapes 1x512,4x512c)
 fi
 
 for s in ${STAGES:-tests zero3 headline offload}; do
@@ -109,7 +129,20 @@ for s in ${STAGES:-tests zero3 headline offload}; do
         --trace "$out/trace" --trace-steps 4 --json "$out/measure_1b_engine.json"
       stage_shown "measure 7B" 180 python3 benchmarks/offload.py "${size7[@]}" "${probe[@]}" --paired "$pair" \
         --blocks "${MEASURE_7B_BLOCKS:-2}" --trace "$out/trace" --trace-steps 3 --json "$out/measure_7b.json" ;;
-    *) note "unknown stage $s (tests headline offload compare kernels zero3 measure)" ;;
+    final)
+      stage_shown "gpu tests" 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+        --junitxml "$out/gpu_tests.xml"
+      stage_shown "final 1.1B bare" 80 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" --paired "$pair3" \
+        --blocks "${FINAL_BLOCKS:-6}" --json "$out/final_1b.json"
+      stage_shown "final 1.1B engine" 70 python3 benchmarks/offload.py "${size[@]}" "${probe[@]}" \
+        --paired ds-hift,ds-hift-offload --blocks "${FINAL_BLOCKS:-6}" --json "$out/final_1b_engine.json"
+      stage_shown "final 7B fit" 90 python3 benchmarks/fit.py "${fit[@]}" --json "$out/final_7b_fit.json"
+      stage_shown "final 7B paired" 150 python3 benchmarks/offload.py "${size7[@]}" "${probe[@]}" --paired "$pair" \
+        --blocks "${FINAL_7B_BLOCKS:-4}" --also "$also" --also-blocks 2 --json "$out/final_7b.json"
+      if [ $((budget - (SECONDS - start))) -ge 45 ]; then
+        stage "zero3 gpu check" 60 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_zero3.py
+      else note "zero3 gpu check: skipped, $((budget - (SECONDS - start)))s of the budget left (needs 45)"; fi ;;
+    *) note "unknown stage $s (tests headline offload compare kernels zero3 measure final)" ;;
   esac
 done
 note "done"

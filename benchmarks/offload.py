@@ -22,6 +22,8 @@ lower bounds from a pinned-copy probe, allocator and page-fault counters, a sepa
     python benchmarks/offload.py --paired hift-triton,hift-offload-triton --blocks 2 --trace trace/
     python benchmarks/offload.py --paired ds-hift,ds-hift-offload-synctimer,ds-hift-offload   # the engine path
     python benchmarks/offload.py --model tiny --batch-size 2 --seq-len 32 --paired hift,hift-offload  # CPU rehearsal
+    python benchmarks/offload.py --model llama-7b --batch-size 1 --paired hift-triton,hift-offload-triton \
+        --blocks 4 --also 4x512c      # then 4x512 with gradient checkpointing on the same two model copies
 """
 from __future__ import annotations
 
@@ -251,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                     "that offloads)")
     ap.add_argument("--trace-cpu-ops", action="store_true", help="--paired: the traced run records host operators "
                     "too (more detail; can stretch a launch-bound step)")
+    ap.add_argument("--also", default=None, metavar="BxS[c]", help="--paired: then time the same model copies at "
+                    "batch B x sequence S, with gradient checkpointing if 'c' ends it (e.g. 4x512c)")
+    ap.add_argument("--also-blocks", type=int, default=2, help="--also: whole-cycle blocks per set-up")
     args = ap.parse_args(argv)
     if args.paired:
         return run_paired(args, sys.argv[1:] if argv is None else argv)
@@ -283,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_shape(text: str, blocks: int) -> tuple[int, int, bool, int]:
+    """``--also``: "4x512c" -> (4, 512, True, blocks); "1x256" -> (1, 256, False, blocks)."""
+    ckpt = text.endswith("c")
+    try:
+        bsz, seq = (int(x) for x in text.rstrip("c").split("x"))
+    except ValueError:
+        raise SystemExit(f"--also takes BxS or BxSc (c: gradient checkpointing), e.g. 4x512c; got {text!r}") from None
+    return bsz, seq, ckpt, blocks
+
+
 def run_paired(args: argparse.Namespace, argv: list[str]) -> int:
     """``--paired``: the set-ups timed in this process; the JSON keeps what was measured even if a set-up fails."""
     import signal
@@ -299,8 +314,11 @@ def run_paired(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         paired.measure(names, setups.Options.from_namespace(args), args.blocks, args.probe_gib, args.trace,
                        args.trace_steps, args.trace_setup, command=meta["command"], result=result,
-                       log=lambda line: print(line, flush=True), trace_cpu_ops=args.trace_cpu_ops)
+                       log=lambda line: print(line, flush=True), trace_cpu_ops=args.trace_cpu_ops,
+                       also=parse_shape(args.also, args.also_blocks) if args.also else None)
         print(paired.format_targets(result["summary"]))
+        if "also" in result:
+            print(f"({result['also']['shape']}) " + paired.format_targets(result["also"]["summary"]))
     except Exception as exc:  # noqa: BLE001 - the rows measured so far are still written
         status, error = setups.describe_failure(exc)
         result["error"] = f"{status}: {error}"

@@ -19,6 +19,12 @@ ds-hift-offload-synctimer, ds-hift-offload) is built in this one process on its 
   group comes in; from its bytes and a pinned-copy probe, both directions at once on two slots, one
   after the other on one): sum_s max(compute_s, copy_s) (a one-step lead) and max(sum compute,
   sum copy) (a lead as long as needed);
+- a third bound, the store's own pipeline modelled (``pipeline.py``: its slots, lookahead and chunks,
+  with perfect overlap);
+- host memory: each offloading set-up's pinned bytes against its state, and the system's and the
+  process's accounting around its build (``hostmem.py``);
+- optionally a second shape on the same model copies (``also``: e.g. 4x512 with gradient
+  checkpointing), its own warm-up and ABBA blocks;
 - then a separate, shorter traced run (torch.profiler) of one set-up, whose step time is compared
   with the untraced one of the same groups (a trace whose settings stretch the step is not evidence).
 """
@@ -33,6 +39,8 @@ from typing import Callable, Sequence
 
 import torch
 
+import hostmem
+from pipeline import pipeline_cycle
 from hift_ds.profile import setups
 from hift_ds.profile.setups import Built, Options
 
@@ -71,10 +79,10 @@ def paired_differences(base: list[dict], other: list[dict]) -> dict[int, float]:
 
 
 def cycle_ratio(base_cycles: Sequence[float], other_cycles: Sequence[float]) -> dict:
-    """other / base on the cycle: the ratio of the means, and min/max over the k-th block of each."""
+    """other / base on the cycle: the ratio of the means, and median/min/max over the k-th block of each."""
     per = [o / b for b, o in zip(base_cycles, other_cycles)]
-    return {"ratio": statistics.fmean(other_cycles) / statistics.fmean(base_cycles), "min": min(per),
-            "max": max(per), "per_block": per}
+    return {"ratio": statistics.fmean(other_cycles) / statistics.fmean(base_cycles), "median": statistics.median(per),
+            "min": min(per), "max": max(per), "per_block": per}
 
 
 def copy_ms(out_bytes: float, in_bytes: float, bw: dict, concurrent: bool) -> float:
@@ -145,10 +153,13 @@ def summarize(names: Sequence[str], blocks: dict[str, list[dict]], info: dict[st
         copies = step_copies(order, info[n]["group_bytes"], bw, concurrent=info[n].get("slots", 2) >= 2)
         lb = lower_bounds(compute, copies)
         cycle = out["setups"][n]["cycle_mean_ms"]
+        slots = info[n].get("slots", 2)
+        model = pipeline_cycle(order, compute, info[n]["group_bytes"], bw, slots, info[n].get("chunk_bytes"),
+                               info[n].get("lookahead") or slots)["cycle_ms"]
         out["bounds"][n] = {**lb, "resident": resident, "order": list(order), "compute_s_ms": compute,
-                            "copy_s_ms": copies, "cycle_ms": cycle,
+                            "copy_s_ms": copies, "cycle_ms": cycle, "pipeline_ms": model,
                             "over_one_step_lead": cycle / lb["one_step_lead_ms"],
-                            "over_long_lead": cycle / lb["long_lead_ms"],
+                            "over_long_lead": cycle / lb["long_lead_ms"], "over_pipeline": cycle / model,
                             "resident_cycle_ms": out["setups"][resident]["cycle_mean_ms"]}
     return out
 
@@ -162,15 +173,17 @@ def format_report(summary: dict, clock: str) -> str:
                      f"{f(s['cycle_max_ms'])}; blocks {', '.join(f(c) for c in s['cycle_ms'])})")
     for p in summary["pairs"]:
         worst = ", ".join(f"g{g} {p['group_diff_ms'][g]:+.2f}" for g in p["worst_groups"])
-        lines.append(f"  {p['other']} / {p['base']}: cycle {p['ratio']:.3f}x (blocks {p['min']:.3f}-{p['max']:.3f}); "
+        lines.append(f"  {p['other']} / {p['base']}: cycle {p['ratio']:.3f}x (blocks {p['min']:.3f}-{p['max']:.3f}, "
+                     f"median {p.get('median', p['ratio']):.3f}); "
                      f"per-group paired difference sums to {p['diff_sum_ms']:+.1f} ms, {p['groups_slower']} of "
                      f"{len(p['group_diff_ms'])} groups slower; largest: {worst}")
     for n, b in summary["bounds"].items():
         lines.append(f"  bounds of {n} (compute_s from {b['resident']}, copy_s from bytes and the probe): one-step "
                      f"lead sum max(compute, copy) {f(b['one_step_lead_ms'])} ms, longer lead max(sum compute "
                      f"{f(b['compute_ms'])}, sum copy {f(b['copy_ms'])}) {f(b['long_lead_ms'])} ms; "
-                     f"{b['steps_copy_bound']} of {len(b['order'])} steps copy-bound; cycle {f(b['cycle_ms'])} ms = "
-                     f"{b['over_one_step_lead']:.3f}x / {b['over_long_lead']:.3f}x the bounds")
+                     f"{b['steps_copy_bound']} of {len(b['order'])} steps copy-bound; this store's pipeline modelled "
+                     f"{f(b.get('pipeline_ms'))} ms; cycle {f(b['cycle_ms'])} ms = {b['over_one_step_lead']:.3f}x / "
+                     f"{b['over_long_lead']:.3f}x / {b.get('over_pipeline', math.nan):.3f}x the bounds")
     return "\n".join(lines)
 
 
@@ -322,6 +335,9 @@ def _info(name: str, built: Built) -> dict:
     if store is not None:
         out["group_bytes"] = [sum(t.numel() * t.element_size() for t in bufs.values()) for bufs in store.home]
         out["slots"] = len(store.slots)
+        out["chunk_bytes"] = getattr(store, "chunk", 0) * 4 or None
+        out["lookahead"] = getattr(store, "lookahead", None)
+        out["pinning"] = hostmem.store_pinning(built.optimizer)
     engine_timer = getattr(built, "engine", None)
     if engine_timer is not None:
         out["deepspeed_timer_synchronized"] = bool(engine_timer.tput_timer.config.synchronized)
@@ -355,12 +371,41 @@ def traced_run(name: str, built: Built, batches: Sequence[torch.Tensor], dev: to
             "activities": [str(a).rsplit(".", 1)[-1] for a in activities], "step_ms_by_group": timed, **summary}
 
 
+def timed_blocks(names: Sequence[str], built: dict[str, Built], batches: Sequence[torch.Tensor], blocks: int,
+                 info: dict, bw: dict | None, log: Callable[[str], None], out: dict) -> dict:
+    """A warm-up cycle of each set-up, then ``blocks`` whole-cycle blocks each in ABBA order; ``out`` gets the
+    blocks (filled in as measured: a run cut short keeps them), the window's counters and the summary."""
+    dev = setups.device()
+    for n in names:  # one whole cycle each: kernels compiled, allocator warm, every group's state touched
+        rec = run_block(built[n], batches, dev)
+        log(f"  warm-up cycle {n}: {rec['cycle_ms']:.1f} ms")
+    order = block_order(names, blocks)
+    out["blocks"] = {n: [] for n in names}
+    mem0, faults0 = _memory_stats(dev), _faults()
+    for i, n in enumerate(order):
+        rec = run_block(built[n], batches, dev)
+        rec["position"] = i
+        out["blocks"][n].append(rec)
+        m = rec["memory"] or {}
+        log(f"  block {i + 1}/{len(order)} {n}: cycle {rec['cycle_ms']:.1f} ms over {len(batches)} steps (wall "
+            f"{rec['wall_ms']:.1f}), median step {statistics.median(rec['step_ms']):.2f} ms; alloc retries "
+            f"+{m.get('num_alloc_retries', '-')}, device frees +{m.get('num_device_free', '-')}, page faults "
+            f"+{rec['minflt']}/+{rec['majflt']}" + ("" if rec["losses_finite"] else "; NON-FINITE LOSS"))
+    faults1 = _faults()
+    out["window"] = {"memory": counter_delta(mem0, _memory_stats(dev), MEMORY_KEYS),
+                     "minflt": faults1[0] - faults0[0], "majflt": faults1[1] - faults0[1]}
+    out["summary"] = summarize(names, out["blocks"], info, bw)
+    return out
+
+
 def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, trace_dir: str | None = None,
             trace_steps: int = 4, trace_setup: str | None = None, command: str = "", result: dict | None = None,
-            log: Callable[[str], None] = print, trace_cpu_ops: bool = False) -> dict:
-    """Build every set-up here, time them in ABBA blocks of whole cycles, trace one; the result, filled into
-    ``result`` as it is measured, and printed as measured (a run cut short keeps what it printed)."""
-    from hift_ds.profile.presets import random_batch
+            log: Callable[[str], None] = print, trace_cpu_ops: bool = False,
+            also: tuple[int, int, bool, int] | None = None) -> dict:
+    """Build every set-up here, time them in ABBA blocks of whole cycles, trace one; then, with ``also`` = (batch
+    size, sequence length, gradient checkpointing, blocks), the same models at that shape. The result, filled
+    into ``result`` as it is measured, and printed as measured (a run cut short keeps what it printed)."""
+    from hift_ds.profile.presets import enable_gradient_checkpointing, random_batch
 
     dev = setups.device()
     clock = CUDA_CLOCK if dev.type == "cuda" else CPU_CLOCK
@@ -375,13 +420,17 @@ def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, tra
     built, info = {}, {}
     for n in names:
         before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        host0 = hostmem.snapshot()
         t0 = time.perf_counter()
         built[n] = setups.build(n, o, dev)
-        info[n] = _info(n, built[n]) | {"build_s": time.perf_counter() - t0, "command": command}
+        info[n] = _info(n, built[n]) | {"build_s": time.perf_counter() - t0, "command": command,
+                                        "host_over_build": hostmem.delta(host0, hostmem.snapshot())}
         if dev.type == "cuda":
             info[n]["device_gib"] = (torch.cuda.memory_allocated(dev) - before) / 2 ** 30
         log(f"  built {n}: {'; '.join(info[n]['notes'])} ({info[n]['build_s']:.1f} s"
             + (f", {info[n]['device_gib']:.2f} GiB on the device" if "device_gib" in info[n] else "") + ")")
+        if info[n].get("pinning"):
+            log(hostmem.format_pinning(n, info[n]["pinning"], info[n]["host_over_build"]))
     result["info"] = info
     ks = {info[n]["num_groups"] for n in names if info[n]["num_groups"]}
     if len(ks) != 1:
@@ -389,26 +438,7 @@ def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, tra
     k = ks.pop()
     vocab = built[names[0]].model.config.vocab_size
     batches = [random_batch(vocab, o.batch_size, o.seq_len, i, dev) for i in range(k)]
-    for n in names:  # one whole cycle each: kernels compiled, allocator warm, every group's state touched
-        rec = run_block(built[n], batches, dev)
-        log(f"  warm-up cycle {n}: {rec['cycle_ms']:.1f} ms")
-    order = block_order(names, blocks)
-    measured: dict[str, list[dict]] = {n: [] for n in names}
-    result["blocks"] = measured  # filled block by block
-    mem0, faults0 = _memory_stats(dev), _faults()
-    for i, n in enumerate(order):
-        rec = run_block(built[n], batches, dev)
-        rec["position"] = i
-        measured[n].append(rec)
-        m = rec["memory"] or {}
-        log(f"  block {i + 1}/{len(order)} {n}: cycle {rec['cycle_ms']:.1f} ms over {k} steps (wall "
-            f"{rec['wall_ms']:.1f}), median step {statistics.median(rec['step_ms']):.2f} ms; alloc retries "
-            f"+{m.get('num_alloc_retries', '-')}, device frees +{m.get('num_device_free', '-')}, page faults "
-            f"+{rec['minflt']}/+{rec['majflt']}" + ("" if rec["losses_finite"] else "; NON-FINITE LOSS"))
-    faults1 = _faults()
-    result["window"] = {"memory": counter_delta(mem0, _memory_stats(dev), MEMORY_KEYS),
-                        "minflt": faults1[0] - faults0[0], "majflt": faults1[1] - faults0[1]}
-    result["summary"] = summarize(names, measured, info, bw)
+    timed_blocks(names, built, batches, blocks, info, bw, log, result)
     log(format_report(result["summary"], clock))
     if trace_dir and trace_steps > 0:
         who = trace_setup or next((n for n in reversed(names) if info[n]["offload"]), names[-1])
@@ -421,4 +451,17 @@ def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, tra
             "on the same groups "
             + ("-" if v["ratio"] is None else f"{v['ratio']:.3f}x ({'within' if v['within'] else 'NOT within'} "
                                               f"{TRACE_TOLERANCE:.0%})") + f"; trace {tr['path']}")
+    if also:
+        bsz, seq, ckpt, also_blocks = also
+        label = f"{bsz}x{seq}" + (" with gradient checkpointing" if ckpt else "")
+        log(f"paired, second shape: {label}, the same model copies")
+        if ckpt:
+            for n in names:
+                enable_gradient_checkpointing(built[n].model)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        batches = [random_batch(vocab, bsz, seq, i, dev) for i in range(k)]
+        result["also"] = {"shape": label, "batch_size": bsz, "seq_len": seq, "gradient_checkpointing": ckpt}
+        timed_blocks(names, built, batches, also_blocks, info, bw, log, result["also"])
+        log(format_report(result["also"]["summary"], f"{clock}; {label}"))
     return result

@@ -30,6 +30,8 @@ def _load(name: str, path: Path):
 
 harness = _load("harness", BENCH / "harness.py")  # offload.py does `import harness` (and traces, paired)
 traces = _load("traces", BENCH / "traces.py")
+hostmem = _load("hostmem", BENCH / "hostmem.py")  # paired.py's imports
+pipeline = _load("pipeline", BENCH / "pipeline.py")
 paired = _load("paired", BENCH / "paired.py")
 offload_bench = _load("bench_offload", BENCH / "offload.py")
 
@@ -290,6 +292,24 @@ def test_counters_and_the_trace_check():
     assert paired.trace_ratio({5: 1.0}, {1: 1.0})["ratio"] is None
 
 
+def test_pipeline_model_of_the_store():
+    """Three groups of 2 GB (40 ms each way at 50 GB/s). One slot, whole groups: copy home, then copy in, 80 ms a
+    step; in chunks of 200 MB the copy-in trails the copy home by one chunk (4 ms). Two slots: the copies of the
+    short group 1 (30 ms) hide in group 0's step with a two-step lead, not with a one-step lead."""
+    cycle = lambda compute, *a: pipeline.pipeline_cycle([0, 1, 2], compute, [2e9] * 3, BW_50, *a)["cycle_ms"]  # noqa
+    assert cycle([10.0] * 3, 1) == pytest.approx(3 * 80.0)
+    assert cycle([10.0] * 3, 1, 2e8) == pytest.approx(3 * 44.0)
+    assert cycle([10.0] * 3, 2) == pytest.approx(3 * 40.0)  # copy-bound: 40 ms a step, both directions at once
+    assert cycle([50.0, 30.0, 100.0], 2, None, 1) == pytest.approx(50 + 40 + 100)  # the one-step-lead bound
+    assert cycle([50.0, 30.0, 100.0], 2) == pytest.approx(180.0)  # the longer lead: sum compute
+    assert pipeline.pipeline_cycle([0, 1, 2], [10.0] * 3, [1e6] * 3, BW_50, 1)["cycle_ms"] == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="lookahead must be 1..slots"):
+        cycle([10.0] * 3, 2, None, 3)
+
+
+BW_50 = {"h2d_gbps": 50.0, "d2h_gbps": 50.0, "h2d_both_gbps": 50.0, "d2h_both_gbps": 50.0}
+
+
 def test_summary_pairs_every_setup_and_bounds_the_offloaded_one_by_the_resident_steps():
     names = ["res", "off"]
     blocks = {"res": [_block([0, 1, 2], [50.0, 30.0, 100.0]), _block([0, 1, 2], [50.0, 30.0, 100.0])],
@@ -307,7 +327,9 @@ def test_summary_pairs_every_setup_and_bounds_the_offloaded_one_by_the_resident_
     one_slot = paired.summarize(names, blocks, dict(info, off=dict(info["off"], slots=1)), bw)["bounds"]["off"]
     assert one_slot["copy_s_ms"] == pytest.approx([80.0] * 3)  # one slot: copy-out, then copy-in
     text = paired.format_report(s, paired.CPU_CLOCK)
-    assert "off / res: cycle 1.111x (blocks 1.089-1.133)" in text  # 204 / 180 and 196 / 180
+    assert "off / res: cycle 1.111x (blocks 1.089-1.133, median 1.111)" in text  # 204 / 180 and 196 / 180
+    # Two slots with a two-step lead (the store's default) move group 1's copies into group 0's longer step.
+    assert b["pipeline_ms"] == pytest.approx(180.0) and "pipeline modelled 180.0 ms" in text
     assert "1 of 3 steps copy-bound" in text and "host wall clock" in text  # group 1: 30 ms compute, 40 copy
     targets = paired.format_targets(s)
     assert "FAIL  cycle off <= 1.05 x res: 1.111x" in targets and "FAIL  cycle off <= 1.1 x max" in targets

@@ -13,7 +13,8 @@ import transformers  # noqa: E402
 
 from conftest import batch, tiny_llama  # noqa: E402
 from hift_ds import HiFTOptimizer  # noqa: E402
-from hift_ds.optim.store import GroupStore  # noqa: E402
+from hift_ds.optim.pinning import page_round  # noqa: E402
+from hift_ds.optim.store import MASTER, GroupStore  # noqa: E402
 from test_kernels import CASE_IDS, TRITON_CASES, full, run_flat_steps  # noqa: E402
 from test_offload import masters_match_reference, train_against_torch_adamw  # noqa: E402
 
@@ -80,8 +81,10 @@ def wide_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
 
 
-def _train(model, steps: int, **kw) -> HiFTOptimizer:
+def _train(model, steps: int, chunk: int | None = None, **kw) -> HiFTOptimizer:
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, **kw)
+    if chunk is not None:
+        opt.store.chunk = chunk  # elements per copy (before the first copy home)
     for s in range(steps):
         x = batch(s).cuda()
         opt.backward(model(input_ids=x, labels=x).loss)
@@ -90,20 +93,71 @@ def _train(model, steps: int, **kw) -> HiFTOptimizer:
     return opt
 
 
-@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("chunk", [None, 1000])
+@pytest.mark.parametrize("slots", [1, 2, 3])
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("strategy", ["bottom2up", "random"])
-def test_cuda_offload_with_prefetch_is_bitwise_resident(strategy, kernel, slots, deterministic):
+def test_cuda_offload_with_prefetch_is_bitwise_resident(strategy, kernel, slots, chunk, deterministic):
+    """Whole groups (one chunk each) or chunks of 1000 elements (about 40 per group, the last one short)."""
     a, b = tiny_llama(dtype=torch.bfloat16).cuda(), tiny_llama(dtype=torch.bfloat16).cuda()
     _train(a, 15, strategy=strategy, kernel=kernel, offload="none")
-    opt = _train(b, 15, strategy=strategy, kernel=kernel, offload="cpu", prefetch=True, offload_slots=slots)
+    opt = _train(b, 15, chunk, strategy=strategy, kernel=kernel, offload="cpu", prefetch=True, offload_slots=slots)
     assert opt.store.pinned and len(opt.store.slots) == slots
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("model", ["tiny", "wide"])
 @pytest.mark.parametrize("slots", [1, 2])
+def test_cuda_chunked_copies_of_wide_groups_are_bitwise_resident(slots, deterministic):
+    """Groups of 200 MB (16.8 M parameters x 12 bytes) in 1 MiB chunks, Triton update: about 190 chunks each way
+    per step, the copy-in chasing the copy home through one slot."""
+    a, b = wide_llama(), wide_llama()
+    _train(a, 8, kernel="triton", offload="none")
+    opt = _train(b, 8, kernel="triton", offload="cpu", offload_slots=slots, offload_chunk_mib=1)
+    assert opt.store.chunk == 2 ** 18 and max(opt.store._block) // opt.store.chunk > 100
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def _status_kib(key: str) -> int | None:
+    """A /proc/self/status figure in KiB (VmLck, VmPin), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(key + ":")), None)
+    except OSError:
+        return None
+
+
+def test_cuda_pinned_bytes_are_exactly_the_state_and_unpinned_with_the_store():
+    """The store pins its state at its exact size (whole pages), none of it through torch's pinned allocator
+    (which would round each block up to a power of two), and unpins it when it goes; a view kept from it stays
+    valid, pageable memory."""
+    import gc
+
+    torch.cuda.synchronize()
+    keys = ("allocated_bytes.current", "num_host_alloc")  # torch's pinned allocator (2.11 has both)
+    host = lambda: {k: v for k, v in torch.cuda.host_memory_stats().items() if k in keys}  # noqa: E731
+    host_before = host()
+    locked_before = {k: _status_kib(k) for k in ("VmLck", "VmPin")}
+    model = wide_llama()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, offload="cpu")
+    state = 4 * sum(opt.store._block)
+    report = opt.memory_report()
+    print(f"state {state} B, pinned {opt.store.pinned_bytes} B, report {report['state_host_pinned']} B, torch pinned "
+          f"allocator {host_before} -> {host()}, "
+          f"/proc/self/status before {locked_before} after {({k: _status_kib(k) for k in locked_before})}")
+    assert opt.store.pinned_bytes == page_round(state) == report["state_host_pinned"] <= 1.02 * state
+    assert all(t.is_pinned() for bufs in opt.store.home for t in bufs.values())
+    assert host() == host_before
+    kept = opt.store.home[1][MASTER]
+    values = kept.clone()
+    opt.store = None  # the store goes (whatever else keeps the optimizer)
+    gc.collect()
+    assert not kept.is_pinned() and torch.equal(kept, values)
+
+
+@pytest.mark.parametrize("model", ["tiny", "wide"])
+@pytest.mark.parametrize("slots", [1, 2, 3])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("strategy,num_groups", [("bottom2up", None), ("random", 2)])
 def test_cuda_offload_ordering_against_torch_adamw(model, slots, prefetch, strategy, num_groups):
@@ -114,6 +168,7 @@ def test_cuda_offload_ordering_against_torch_adamw(model, slots, prefetch, strat
     kw = dict(num_groups=num_groups) if num_groups else {}
     m = wide_llama() if model == "wide" else tiny_llama(dtype=torch.bfloat16).cuda()
     opt, order, ref = train_against_torch_adamw(m, 12, "cuda", store_class=LateCopies if model == "tiny" else None,
+                                                chunk=1000 if model == "tiny" else None,
                                                 offload="cpu", offload_slots=slots, prefetch=prefetch,
                                                 strategy=strategy, seed=1, **kw)
     if num_groups:

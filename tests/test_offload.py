@@ -125,13 +125,16 @@ def test_copy_home_starts_at_the_next_forwards_first_block(slots):
     assert not opt.store._released
 
 
-def train_against_torch_adamw(model, steps: int, device="cpu", store_class=None, **kw):
+def train_against_torch_adamw(model, steps: int, device="cpu", store_class=None, chunk=None, **kw):
     """HiFT (bf16 weights, fp32 masters in the store) beside torch.optim.AdamW on fp32 copies fed the same
     gradients, only the active group's: the reference never goes through the store or HiFT's update kernel.
+    ``chunk``: the store's copies move that many elements at a time (tiny groups are smaller than a MiB).
     Returns the optimizer, the group order and the reference parameters by name."""
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, weight_decay=0.1, **kw)
     if store_class is not None:
         opt.store.__class__ = store_class  # the same store with its copies delayed (or its waits dropped)
+    if chunk is not None:
+        opt.store.chunk = chunk  # before the first copy home (copy-ins alone are queued at construction)
     ref = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     ref_opt = torch.optim.AdamW(list(ref.values()), lr=1e-2, weight_decay=0.1)
     order = []
@@ -160,14 +163,16 @@ def masters_match_reference(opt, ref, **tol) -> bool:
     return True
 
 
+@pytest.mark.parametrize("chunk", [None, 1000])
 @pytest.mark.parametrize("slots", [1, 2, 3])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("strategy,num_groups", [("bottom2up", None), ("random", 2)])
-def test_offload_pipeline_matches_torch_adamw(slots, prefetch, strategy, num_groups):
-    """With and without prefetch, one to three slots, including a group acquired twice in a row (random, k=2)."""
+def test_offload_pipeline_matches_torch_adamw(slots, prefetch, strategy, num_groups, chunk):
+    """With and without prefetch, one to three slots, whole groups or chunks that divide none, including a group
+    acquired twice in a row (random, k=2)."""
     kw = dict(num_groups=num_groups) if num_groups else {}
     opt, order, ref = train_against_torch_adamw(tiny_llama(dtype=torch.bfloat16), 12, offload="cpu", offload_slots=slots,
-                                                prefetch=prefetch, strategy=strategy, seed=1, **kw)
+                                                prefetch=prefetch, strategy=strategy, seed=1, chunk=chunk, **kw)
     assert opt.store.offload and len(opt.store.slots) == slots
     if num_groups:
         assert any(x == y for x, y in zip(order, order[1:])), order  # the repeat under test happened
