@@ -371,10 +371,10 @@ def test_pages_are_unpinned_after_queued_copies_and_views_that_outlive_the_store
         store = make_store(device="cuda:1", chunk=4)
         store.defer_copy_out = False
         bufs = store.acquire(1)
-        sim.launch(lambda: update(bufs, 0))
+        sim.launch(lambda b=bufs: update(b, 0))
         store.release(1)  # its copy home is queued, not run
         kept = store.home[1][MASTER]
-        expected = (kept.clone() * 0.5)
+        expected = kept.clone() * 0.5
         (ptr, size), = sim.registered.items()
         del store, bufs
         gc.collect()
