@@ -16,9 +16,10 @@ ds-hift-offload-synctimer, ds-hift-offload) is built in this one process on its 
   set-up minus the first) and the cycle ratio with its min/max over the k-th blocks of each;
 - for an offloading set-up, two lower bounds of its cycle from the resident set-up's step times
   (compute_s) and the copies each step must hide (copy_s: the group before goes home, this step's
-  group comes in; from its bytes and a pinned-copy probe, both directions at once on two slots, one
-  after the other on one): sum_s max(compute_s, copy_s) (a one-step lead) and max(sum compute,
-  sum copy) (a lead as long as needed);
+  group comes in; from its bytes and a pinned-copy probe, both directions at once on two slots or on
+  one slot refilled in chunks, one after the other on one slot copying whole groups):
+  sum_s max(compute_s, copy_s) (a one-step lead) and max(sum compute, sum copy) (a lead as long as
+  needed);
 - a third bound, the store's own pipeline modelled (``pipeline.py``: its slots, lookahead and chunks,
   with perfect overlap);
 - host memory: each offloading set-up's pinned bytes against its state, and the system's and the
@@ -150,7 +151,10 @@ def summarize(names: Sequence[str], blocks: dict[str, list[dict]], info: dict[st
         if any(g not in compute_by_group for g in order):
             continue
         compute = [compute_by_group[g] for g in order]
-        copies = step_copies(order, info[n]["group_bytes"], bw, concurrent=info[n].get("slots", 2) >= 2)
+        # Two slots copy both directions at once; so does one slot refilled in chunks behind its copy home.
+        chunk = info[n].get("chunk_bytes")
+        concurrent = info[n].get("slots", 2) >= 2 or bool(chunk and chunk < max(info[n]["group_bytes"]))
+        copies = step_copies(order, info[n]["group_bytes"], bw, concurrent=concurrent)
         lb = lower_bounds(compute, copies)
         cycle = out["setups"][n]["cycle_mean_ms"]
         slots = info[n].get("slots", 2)

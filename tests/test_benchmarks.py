@@ -325,7 +325,10 @@ def test_summary_pairs_every_setup_and_bounds_the_offloaded_one_by_the_resident_
     assert b["one_step_lead_ms"] == pytest.approx(50 + 40 + 100) and b["long_lead_ms"] == pytest.approx(180.0)
     assert b["over_one_step_lead"] == pytest.approx(200 / 190) and b["over_long_lead"] == pytest.approx(200 / 180)
     one_slot = paired.summarize(names, blocks, dict(info, off=dict(info["off"], slots=1)), bw)["bounds"]["off"]
-    assert one_slot["copy_s_ms"] == pytest.approx([80.0] * 3)  # one slot: copy-out, then copy-in
+    assert one_slot["copy_s_ms"] == pytest.approx([80.0] * 3)  # one slot, whole groups: copy-out, then copy-in
+    chunked = dict(info["off"], slots=1, chunk_bytes=2 ** 27)
+    one_slot = paired.summarize(names, blocks, dict(info, off=chunked), bw)["bounds"]["off"]
+    assert one_slot["copy_s_ms"] == pytest.approx([40.0] * 3)  # in chunks: the copy-in chases the copy-out
     text = paired.format_report(s, paired.CPU_CLOCK)
     assert "off / res: cycle 1.111x (blocks 1.089-1.133, median 1.111)" in text  # 204 / 180 and 196 / 180
     # Two slots with a two-step lead (the store's default) move group 1's copies into group 0's longer step.

@@ -7,9 +7,11 @@ token batches with one optimizer arrangement:
                                every parameter: the usual mixed-precision full fine-tuning
     hift / hift-triton         HiFTOptimizer, masters + state resident on the device; torch / Triton update
     hift-offload-noprefetch    offload to pinned host memory, each group copied in when it steps
-    hift-offload               offload with prefetch (two device slots, one copy stream per direction)
+    hift-offload               offload with prefetch (two device slots, one copy stream per direction, copies
+                               in 128 MiB chunks, the group two steps ahead copied in behind the one going home)
     hift-offload-triton        as hift-offload with the fused Triton update (CUDA)
-    hift-offload-triton-1slot  as hift-offload-triton with one device slot (copy-out, then copy-in)
+    hift-offload-triton-1slot  as hift-offload-triton with one device slot (refilled chunk by chunk behind its
+                               copy home)
     ds-hift / ds-hift-offload  HiFT through hift_ds.initialize (a DeepSpeed engine) from ds_configs/hift.json,
                                state on the device / offloaded (two slots); its throughput timer unsynchronized
     ds-hift-offload-synctimer  as ds-hift-offload with DeepSpeed's default synchronized throughput timer
