@@ -25,7 +25,8 @@ import torch
 import hostmem
 import paired
 from hift_ds.profile import setups
-from hift_ds.profile.presets import enable_gradient_checkpointing, random_batch
+from hift_ds.activations import enable_gradient_checkpointing
+from hift_ds.profile.presets import random_batch
 
 GIB = 2 ** 30
 

@@ -409,7 +409,8 @@ def measure(names: Sequence[str], o: Options, blocks: int, probe_gib: float, tra
     """Build every set-up here, time them in ABBA blocks of whole cycles, trace one; then, with ``also`` = (batch
     size, sequence length, gradient checkpointing, blocks), the same models at that shape. The result, filled
     into ``result`` as it is measured, and printed as measured (a run cut short keeps what it printed)."""
-    from hift_ds.profile.presets import enable_gradient_checkpointing, random_batch
+    from hift_ds.activations import enable_gradient_checkpointing
+    from hift_ds.profile.presets import random_batch
 
     dev = setups.device()
     clock = CUDA_CLOCK if dev.type == "cuda" else CPU_CLOCK
