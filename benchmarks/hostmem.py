@@ -58,7 +58,7 @@ def delta(before: dict, after: dict) -> dict[str, Any]:
 def store_pinning(optimizer: Any) -> dict[str, Any] | None:
     """What an offloading HiFT optimizer's store holds and pins, and the driver's word on its first/last element."""
     store = getattr(optimizer, "store", None)
-    if store is None or not store.offload:
+    if store is None or not store.offloaded:
         return None
     blocks = store._home_blocks
     state = sum(b.numel() * b.element_size() for b in blocks)

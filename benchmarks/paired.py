@@ -334,7 +334,7 @@ def probe_bandwidth(gib: float, dev: torch.device) -> dict:
 
 def _info(name: str, built: Built) -> dict:
     store = getattr(built.optimizer, "store", None)
-    out = {"notes": list(built.notes), "offload": bool(store is not None and store.offload),
+    out = {"notes": list(built.notes), "offload": bool(store is not None and store.offloaded),
            "num_groups": getattr(built.optimizer, "num_groups", None)}
     if store is not None:
         out["group_bytes"] = [sum(t.numel() * t.element_size() for t in bufs.values()) for bufs in store.home]

@@ -124,7 +124,7 @@ def test_deepspeed_config_spellings_are_honoured():
     cfg = _cfg(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "bias_correction": True}},
                bfloat16={"enabled": True}, zero_optimization={"stage": 0, "offload_optimizer": None})
     engine, opt, _, _ = hift_ds.initialize(model=model, model_parameters=model.parameters(), config_params=cfg)
-    assert next(engine.module.parameters()).dtype == torch.bfloat16 and opt.masters
+    assert next(engine.module.parameters()).dtype == torch.bfloat16 and opt.keeps_masters
     assert all(pg["weight_decay"] == 0.0 for pg in opt.param_groups)
     with pytest.raises(ValueError, match=r"model_parameters= leaves out some of the model's trainable parameters"):
         m = W.tiny_llama()

@@ -130,5 +130,5 @@ def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
                                           report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
     ns = {"model": tiny_llama(), "training_args": args, "train_dataset": W.CountingData()}
     exec(snippet, ns)
-    assert ns["trainer"].hift_optimizer.schedule.steps_done == 3 and ns["trainer"].hift_optimizer.store.offload
+    assert ns["trainer"].hift_optimizer.schedule.steps_done == 3 and ns["trainer"].hift_optimizer.store.offloaded
     assert os.path.isfile(tmp_path / "out" / "final" / "model.safetensors")

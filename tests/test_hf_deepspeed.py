@@ -59,7 +59,7 @@ def test_trainer_builds_the_engine_of_hift_ds_initialize(tmp_path, stage):
     assert isinstance(engine.optimizer, HiFTOptimizer) and engine.zero_optimization_stage() == 0
     assert not engine.bfloat16_enabled() and engine.optimizer.sharding.stage == stage
     assert all(p.dtype == torch.bfloat16 for p in got["trainer"].model.parameters())
-    assert MASTER in engine.optimizer.store.home[0] and engine.optimizer.store.offload
+    assert MASTER in engine.optimizer.store.home[0] and engine.optimizer.store.offloaded
     # hift_ds.initialize's timers too: DeepSpeed's throughput timer does not synchronize the device each step.
     assert engine.tput_timer.config.enabled and not engine.tput_timer.config.synchronized
     # Step 1 trained group 0 (the embeddings) only.

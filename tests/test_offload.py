@@ -28,7 +28,7 @@ def test_offloaded_equals_resident(strategy, optimizer):
     a, b = tiny_llama(), tiny_llama()
     train(a, 15, optimizer=optimizer, strategy=strategy, offload="none", **kw)
     opt = train(b, 15, optimizer=optimizer, strategy=strategy, offload="cpu", **kw)
-    assert opt.store.offload
+    assert opt.store.offloaded
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -173,7 +173,7 @@ def test_offload_pipeline_matches_torch_adamw(slots, prefetch, strategy, num_gro
     kw = dict(num_groups=num_groups) if num_groups else {}
     opt, order, ref = train_against_torch_adamw(tiny_llama(dtype=torch.bfloat16), 12, offload="cpu", offload_slots=slots,
                                                 prefetch=prefetch, strategy=strategy, seed=1, chunk=chunk, **kw)
-    assert opt.store.offload and len(opt.store.slots) == slots
+    assert opt.store.offloaded and len(opt.store.slots) == slots
     if num_groups:
         assert any(x == y for x, y in zip(order, order[1:])), order  # the repeat under test happened
     assert masters_match_reference(opt, ref, rtol=1e-5, atol=1e-6)
@@ -237,7 +237,7 @@ def test_offloaded_state_dict_round_trip():
 
 def fp32_values(opt: HiFTOptimizer) -> list[torch.Tensor]:
     """What the optimizer updates in fp32, per parameter: the weights, or the masters of bf16 weights."""
-    if opt.masters:
+    if opt.keeps_masters:
         opt.store.synchronize()  # the last group's copy home waits for a forward that does not come
         return [m.clone() for g in range(opt.num_groups) for m in opt.sharding.split(g, opt.store.home[g][MASTER])]
     return [p.detach().clone() for ps in opt._params for p in ps]

@@ -32,7 +32,7 @@ CHUNKS = [4, 7, 100, None]
 
 def make_store(store_class=GroupStore, device="cpu", chunk=None, numels=NUMELS, **kw) -> GroupStore:
     """A store over ``numels`` with masters and two state kinds, each home buffer holding distinct values."""
-    kw = {"masters": True, "offload": True, "slots": 2} | kw
+    kw = {"keeps_masters": True, "offloaded": True, "slots": 2} | kw
     store = store_class(numels, KINDS, device=torch.device(device), **kw)
     if chunk is not None:
         store.chunk = chunk
@@ -288,7 +288,7 @@ def test_defaults_offloaded_to_cuda_two_slots_pinned_fp32_even_with_a_float64_de
     torch.set_default_dtype(torch.float64)
     try:
         with fake_cuda("copies") as sim:
-            store = GroupStore(NUMELS, KINDS, masters=True, offload=True, device=torch.device("cuda:1"))
+            store = GroupStore(NUMELS, KINDS, keeps_masters=True, offloaded=True, device=torch.device("cuda:1"))
     finally:
         torch.set_default_dtype(default)
     assert len(store.slots) == 2 and store.pinned and store.chunk == 128 * 2 ** 20 // 4
@@ -313,7 +313,7 @@ SLOT_BYTES = 4 * max(NUMELS) * WIDTH
 ], ids=["cuda-pinned", "cuda-pageable", "cpu-offload", "cuda-resident", "cpu-resident"])
 def test_buffers_live_where_the_settings_say(device, offload, pin, home_at, slots, report, store_allocations):
     with fake_cuda("copies") as sim:
-        store = make_store(device=device, offload=offload, pin_memory=pin)
+        store = make_store(device=device, offloaded=offload, pin_memory=pin)
     assert store.pinned == (home_at[1] is True)
     assert {sim.where(t) for b in store.home for t in b.values()} == {(torch.device(home_at[0]), home_at[1])}
     assert len(store.slots) == slots
@@ -324,15 +324,15 @@ def test_buffers_live_where_the_settings_say(device, offload, pin, home_at, slot
 
 
 def test_without_masters_only_the_state_kinds_are_kept():
-    store = make_store(masters=False)
+    store = make_store(keeps_masters=False)
     assert all(set(b) == set(KINDS) for b in store.home)
     assert all(s.numel() == len(KINDS) * max(NUMELS) for s in store.slots)
     assert all(torch.equal(b["sum"], torch.full((n,), 0.25)) for b, n in zip(
-        GroupStore(NUMELS, KINDS, masters=False, offload=False, device=torch.device("cpu")).home, NUMELS))
+        GroupStore(NUMELS, KINDS, keeps_masters=False, offloaded=False, device=torch.device("cpu")).home, NUMELS))
 
 
 def test_a_store_with_nothing_to_keep_has_no_slots():
-    store = GroupStore(NUMELS, {}, masters=False, offload=True, device=torch.device("cpu"))
+    store = GroupStore(NUMELS, {}, keeps_masters=False, offloaded=True, device=torch.device("cpu"))
     assert store.slots == [] and store.acquire(1) == {}
     store.release(1)  # nothing to copy home
 
@@ -558,7 +558,7 @@ def test_simulation_catches_a_missing_wait(store_class, late, slots, chunk, copy
 
 def test_simulated_resident_store_makes_no_copies():
     with fake_cuda("copies") as sim:
-        store = make_store(device="cuda:1", offload=False)
+        store = make_store(device="cuda:1", offloaded=False)
         expected = expected_homes(store)
         run_order(store, prefetch=True, launch=sim.launch)
         sim.compute.synchronize()

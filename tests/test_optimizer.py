@@ -331,9 +331,9 @@ def test_offload_auto_offloads_on_cuda_only(caplog):
     assert resolve_offload("none", torch.device("cuda", 0), builtin=True) == "none"
     with caplog.at_level("INFO", logger="hift_ds.optim.optimizer"):
         opt = HiFTOptimizer(tiny_llama(), "adamw")  # the default is "auto"
-    assert opt.offload == "none" and not opt.store.offload
+    assert opt.offload == "none" and not opt.store.offloaded
     assert "offload none (auto: model on cpu)" in caplog.text
-    assert HiFTOptimizer(tiny_llama(), "adamw", offload="cpu").store.offload
+    assert HiFTOptimizer(tiny_llama(), "adamw", offload="cpu").store.offloaded
     assert HiFTOptimizer(tiny_llama(), torch.optim.RMSprop).offload == "none"  # "auto" does not reject it
 
 
@@ -342,7 +342,7 @@ def test_offload_auto_offloads_on_cuda_only(caplog):
 def test_offload_auto_on_cuda_keeps_inactive_groups_in_pinned_host_memory(caplog):
     with caplog.at_level("INFO", logger="hift_ds.optim.optimizer"):
         opt = HiFTOptimizer(tiny_llama(dtype=torch.bfloat16).cuda(), "adamw")
-    assert opt.offload == "cpu" and opt.store.offload and opt.store.pinned
+    assert opt.offload == "cpu" and opt.store.offloaded and opt.store.pinned
     assert opt.store.home[0][next(iter(opt.store.kinds))].is_pinned()
     assert "offload cpu (auto: model on cuda), pinned" in caplog.text
 

@@ -57,7 +57,7 @@ def test_state_dict_round_trip_resumes_exactly(variant):
     train(a, opt_a, SAVE_AT, STOP_AT)
 
     b, opt_b = make(variant, seed=5)
-    if not opt_b.masters:  # fp32 weights are the model's; bf16/fp16 weights must come from the saved masters
+    if not opt_b.keeps_masters:  # fp32 weights are the model's; bf16/fp16 weights must come from the saved masters
         b.load_state_dict(saved_model)
     opt_b.load_state_dict(saved_opt)
     assert [pg["lr"] for pg in opt_b.param_groups] == [pg["lr"] for pg in opt_a.param_groups]

@@ -45,7 +45,7 @@ def weights_by_name(model) -> dict[str, torch.Tensor]:
 def hift_values(optimizer) -> list[torch.Tensor]:
     """Per group, the fp32 values its update writes: the masters of bf16/fp16 weights, else the weights."""
     state = optimizer.state_dict()["state"]
-    return [state[g]["master"].clone() if optimizer.masters else torch.cat([p.detach().reshape(-1) for p in ps])
+    return [state[g]["master"].clone() if optimizer.keeps_masters else torch.cat([p.detach().reshape(-1) for p in ps])
             for g, ps in enumerate(optimizer._params)]
 
 
@@ -83,7 +83,7 @@ def test_every_config_runs_two_steps(path, monkeypatch):
         return
     assert isinstance(optimizer, hift_ds.HiFTOptimizer) and optimizer.schedule.steps_done == 2
     offload = hift_ds.optim.optimizer.resolve_offload(cfg["hift"]["offload"]["device"], optimizer.device, builtin=True)
-    assert optimizer.store.offload == (offload == "cpu")
+    assert optimizer.store.offloaded == (offload == "cpu")
     assert optimizer.skipped_steps == 0  # fp16 included: its initial loss scale does not overflow here
     # Two different groups (bottom2up: the embeddings, then block 0), one LR for every group, the same in both
     # steps of the first cycle, above the warm-up's start of 0 and at most its peak.

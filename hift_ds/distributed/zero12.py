@@ -234,9 +234,9 @@ class Zero12Sharding(RankSharding):
         self.overlap = stage == 2 and overlap_comm  # stage 2: reduce buckets during backward
         self.bucket_numel = reduce_bucket_size if self.overlap else None
 
-    def bind(self, groups: list[list[nn.Parameter]], flat: bool, masters: bool) -> None:
+    def bind(self, groups: list[list[nn.Parameter]], flat: bool, keeps_masters: bool) -> None:
         """Pad each group's flat weights to whole shards; one gradient buffer, this rank's shard of it."""
-        self.groups, self.masters = groups, masters
+        self.groups, self.keeps_masters = groups, keeps_masters
         self.layouts = [ShardLayout(sum(p.numel() for p in ps), self.world, self.rank, self.bucket_numel)
                         for ps in groups]
         self.weights_device = [flatten_weights(ps, lay.padded) for ps, lay in zip(groups, self.layouts)]
@@ -275,7 +275,7 @@ class Zero12Sharding(RankSharding):
         """A scratch shard the update writes; in fp32 it first holds this rank's weights, which the update reads."""
         lay = self.layouts[g]
         weight = self.weight_shard_device[:lay.shard_numel]
-        if not self.masters:
+        if not self.keeps_masters:
             weight.view(lay.buckets, lay.chunk).copy_(lay.shard_view(self.weights_device[g]))
         return weight
 

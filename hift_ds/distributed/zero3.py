@@ -216,13 +216,13 @@ class Zero3Sharding(RankSharding):
         super().__init__(group)
         self.fetcher = param_fetcher  # DeepSpeedZeRoOffload: releases and re-gathers around the update
 
-    def bind(self, groups: list[list[nn.Parameter]], flat: bool, masters: bool) -> None:
+    def bind(self, groups: list[list[nn.Parameter]], flat: bool, keeps_masters: bool) -> None:
         """Each group's DeepSpeed partitions on this rank moved into one flat buffer (the update's target)."""
         params = [p for ps in groups for p in ps]
         if not params or not all(is_partitioned(p) for p in params):
             raise ValueError("ZeRO-3 sharding needs a model partitioned by DeepSpeed ZeRO-3; use hift_ds.initialize "
                              'with "zero_optimization": {"stage": 3}, which partitions it')
-        self.groups, self.masters = groups, masters
+        self.groups, self.keeps_masters = groups, keeps_masters
         self.layouts, self.weights_device, self.slot = [], [], {}
         dtype, device = params[0].ds_tensor.dtype, params[0].ds_tensor.device
         for g, ps in enumerate(groups):
@@ -302,14 +302,14 @@ class Zero3Sharding(RankSharding):
         """Whole groups from every rank's partitions; without masters (fp32) the weights too: the module state
         holds empty partitions."""
         out = super().checkpoint_state(home)
-        if not self.masters:
+        if not self.keeps_masters:
             for st, w, lay in zip(out, self.weights_device, self.layouts):
                 st[WEIGHT] = lay.gather_full(self.comm, w, self.grad_buf_device.device)
         return out
 
     def load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
         """This rank's partitions of group ``g`` from the checkpoint's masters (or fp32 weights)."""
-        full = saved.get(MASTER if self.masters else WEIGHT)
+        full = saved.get(MASTER if self.keeps_masters else WEIGHT)
         if full is None:
             raise ValueError(f"the checkpoint has no weights for group {g}: it was not saved at ZeRO stage 3 (a "
                              "stage-3 run keeps its weights in the optimizer state); resume it at the stage it was "

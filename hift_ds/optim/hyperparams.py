@@ -64,12 +64,12 @@ def builtin_hyper(name: str, kwargs: dict) -> dict:
 
 
 def inner_optimizer(cls: type, groups: list[list[torch.nn.Parameter]], kwargs: dict, sharding, *, offload: str,
-                    masters: bool) -> torch.optim.Optimizer:
+                    keeps_masters: bool) -> torch.optim.Optimizer:
     """A torch optimizer class run over the HiFT groups (one param group each): fp32, resident, unsharded."""
-    if offload != "none" or masters:
+    if offload != "none" or keeps_masters:
         raise ValueError(f"offload and bf16/fp16 masters need a built-in optimizer ({sorted(kernels.DEFAULTS)}); "
                          f"{cls.__name__} runs only in fp32 with offload 'none'")
-    sharding.bind(groups, flat=False, masters=False)
+    sharding.bind(groups, flat=False, keeps_masters=False)
     return cls([{"params": ps, "hift_group": i} for i, ps in enumerate(groups)], **kwargs)
 
 

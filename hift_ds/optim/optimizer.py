@@ -54,7 +54,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._params = [[p for u in g for _, p in u.params] for g in self._unit_groups]
         self.device, self.model_dtype = shared_device_and_dtype([p for ps in self._params for p in ps])
         self.offload = resolve_offload(offload, self.device, builtin=self.name is not None)
-        self.masters = self.model_dtype != torch.float32  # whether fp32 masters are kept (16-bit weights)
+        self.keeps_masters = self.model_dtype != torch.float32  # whether fp32 masters are kept (16-bit weights)
         self.schedule = GroupSchedule(len(self._params), strategy, seed)
         fp16 = self.model_dtype == torch.float16
         self.scaler = loss_scaler or (DynamicLossScaler(hysteresis=1) if fp16 else None)
@@ -68,16 +68,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
             super().__init__([{"params": ps, "hift_group": i} for i, ps in enumerate(self._params)], hyper)
             self.inner = None
             self.store = build_store(self.sharding, self._params, kernels.state_kinds(self.name, hyper),
-                                     flat=self.backend == "triton", masters=self.masters, offload=self.offload == "cpu",
+                                     flat=self.backend == "triton", keeps_masters=self.keeps_masters, offloaded=self.offload == "cpu",
                                      pin_memory=pin_memory, slots=offload_slots,
                                      chunk_mib=offload_chunk_mib)
             self.sync_masters_from_model()
-            if self.store.offload and len(self.units) > 1:  # copies home wait for the first block (store.py: why)
+            if self.store.offloaded and len(self.units) > 1:  # copies home wait for the first block (store.py: why)
                 start_copy_outs_before(first_module_of(model, self.units[1].params[0][1]), self.store)
         else:
             self.backend, self.store = "inner", None
             self.inner = inner_optimizer(self._inner_cls, self._params, optimizer_kwargs, self.sharding,
-                                         offload=self.offload, masters=self.masters)
+                                         offload=self.offload, keeps_masters=self.keeps_masters)
             super().__init__(self.inner.param_groups, self.inner.defaults)
             self.param_groups = self.inner.param_groups  # one list: LR schedulers reach the inner optimizer
         freeze([p for ps in self._params for p in ps])
@@ -134,7 +134,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Set the fp32 masters from the model's bf16/fp16 weights (at start, and after these changed outside)."""
         # DeepSpeed broadcasts rank 0's weights after the optimizer exists, a module-only checkpoint load overwrites
         # them: stale masters would undo either. One group at a time: no full fp32 copy of the model is ever made.
-        if self.store is None or not self.masters:
+        if self.store is None or not self.keeps_masters:
             return
         self.store.invalidate()
         for g, bufs in enumerate(self.store.home):

@@ -23,9 +23,9 @@ class Sharding:
     world, rank = 1, 0
     always_flat = False  # sharded stages update flat shards whatever the kernel backend
 
-    def bind(self, groups: list[list[nn.Parameter]], flat: bool, masters: bool) -> None:
+    def bind(self, groups: list[list[nn.Parameter]], flat: bool, keeps_masters: bool) -> None:
         """Lay out ``groups`` (flat: each group's weights in one buffer, gradients in a shared one)."""
-        self.groups, self.masters = groups, masters
+        self.groups, self.keeps_masters = groups, keeps_masters
         self.numels = [sum(p.numel() for p in ps) for ps in groups]
         self.weights_device = [flatten_weights(ps, n) for ps, n in zip(groups, self.numels)] if flat else []
         self.grads = FlatGrads(groups, max(self.numels), groups[0][0].dtype, groups[0][0].device) if flat else None
@@ -97,7 +97,7 @@ class Sharding:
 
     def load_weights(self, g: int, saved: dict[str, Tensor]) -> None:
         """Model weights of group ``g`` from a checkpoint's masters (fp32 weights come with the module)."""
-        if MASTER in saved and self.masters:
+        if MASTER in saved and self.keeps_masters:
             master = saved[MASTER].to(self.groups[g][0].device)
             for p, m in zip(self.groups[g], param_views(self.groups[g], master)):
                 p.data.copy_(m)

@@ -48,9 +48,13 @@ DEFAULT_CHUNK_MIB = 128
 
 
 class GroupStore:
-    """Per-group blocks of masters and optimizer state, resident or offloaded (copied in chunks)."""
+    """Per-group blocks of masters and optimizer state, resident or offloaded (copied in chunks).
 
-    def __init__(self, numels: list[int], kinds: dict[str, float], *, masters: bool, offload: bool,
+    ``home[g]``: group g's kind views where its state rests between its steps: host memory when
+    ``offloaded`` (``acquire`` copies it into a device slot), the device itself when resident.
+    """
+
+    def __init__(self, numels: list[int], kinds: dict[str, float], *, keeps_masters: bool, offloaded: bool,
                  device: torch.device, pin_memory: bool = True, slots: int = 2,
                  chunk_mib: int = DEFAULT_CHUNK_MIB):
         if slots not in range(1, MAX_SLOTS + 1):
@@ -58,25 +62,25 @@ class GroupStore:
         if not isinstance(chunk_mib, int) or chunk_mib < 1:
             raise ValueError(f"offload chunk_mib must be a positive integer, got {chunk_mib!r}")
         self.device = torch.device(device)
-        self.offload = offload
+        self.offloaded = offloaded
         # The owner fills the masters (from its weights) once the buffers exist.
-        self.kinds = ({MASTER: 0.0} if masters else {}) | dict(kinds)
+        self.kinds = ({MASTER: 0.0} if keeps_masters else {}) | dict(kinds)
         self.numels = list(numels)
         width = len(self.kinds)
         self._block = [width * n for n in self.numels]  # elements of each group's block (every kind)
         on_cuda = self.device.type == "cuda"
-        self.pinned = offload and pin_memory and on_cuda and torch.cuda.is_available()
-        cuda_copies = offload and on_cuda
+        self.pinned = offloaded and pin_memory and on_cuda and torch.cuda.is_available()
+        cuda_copies = offloaded and on_cuda
         self._h2d = torch.cuda.Stream(self.device) if cuda_copies else None
         self._d2h = torch.cuda.Stream(self.device) if cuda_copies else None
         self.pinned_bytes = 0  # bytes page-locked for the home blocks (registered: exactly these)
-        self._home_blocks = self._alloc_home(torch.device("cpu") if offload else self.device)
+        self._home_blocks = self._alloc_home(torch.device("cpu") if offloaded else self.device)
         self.home: list[dict[str, Tensor]] = [self._kinds_of(b, n) for b, n in zip(self._home_blocks, self.numels)]
         for bufs in self.home:
             for k, buf in bufs.items():
                 buf.fill_(self.kinds[k])
         self.slots: list[Tensor] = []
-        if offload and self.kinds:
+        if offloaded and self.kinds:
             self.slots = [self._alloc(max(self._block), self.device, 0.0) for _ in range(slots)]
             for slot in self.slots:
                 for stream in (self._h2d, self._d2h):
@@ -143,7 +147,7 @@ class GroupStore:
     def prefetch(self, *groups: int) -> None:
         """Start copying the groups the next steps train (in that order) into slots, as many as there are
         slots; a group already in a slot stays there. No-op when resident."""
-        if not self.offload or not self.kinds:
+        if not self.offloaded or not self.kinds:
             return
         wanted = list(dict.fromkeys(groups))[:len(self.slots)]
         for g in wanted:
@@ -181,7 +185,7 @@ class GroupStore:
 
     def acquire(self, g: int) -> dict[str, Tensor]:
         """Group ``g``'s kind views on the device, ready for the compute stream to update."""
-        if not self.offload or not self.kinds:
+        if not self.offloaded or not self.kinds:
             return self.home[g]
         if g not in self._slot_group:
             self.start_copy_outs()  # a copy-in waiting for a copy home is needed now
@@ -207,7 +211,7 @@ class GroupStore:
 
     def release(self, g: int) -> None:
         """Group ``g``'s slot is updated: copy it home, now or (``defer_copy_out``) at ``start_copy_outs``."""
-        if not self.offload or not self.kinds:
+        if not self.offloaded or not self.kinds:
             return
         s = self.slot_of(g)
         if s is None:
@@ -261,7 +265,7 @@ class GroupStore:
         """Bytes of masters + state on the device (home if resident, else the slots) and on the host; pinned
         host bytes are the bytes page-locked (the state rounded up to whole pages)."""
         state = 4 * sum(self._block)
-        if not self.offload:
+        if not self.offloaded:
             return {"device": state, "host_pinned": 0, "host_pageable": 0}
         return {"device": sum(t.numel() * t.element_size() for t in self.slots), "host_pinned": self.pinned_bytes,
                 "host_pageable": 0 if self.pinned else state}
@@ -289,17 +293,17 @@ def first_module_of(model: nn.Module, param: nn.Parameter) -> nn.Module | None:
     return next((m for m in model.modules() if any(q is param for q in m.parameters(recurse=False))), None)
 
 
-def build_store(sharding, groups: list[list[nn.Parameter]], kinds: dict[str, float], *, flat: bool, masters: bool,
-                offload: bool, pin_memory: bool, slots: int, chunk_mib: int) -> GroupStore:
+def build_store(sharding, groups: list[list[nn.Parameter]], kinds: dict[str, float], *, flat: bool, keeps_masters: bool,
+                offloaded: bool, pin_memory: bool, slots: int, chunk_mib: int) -> GroupStore:
     """Lay ``groups`` out for the update (``sharding``; flat if asked or sharded) and allocate their masters, state."""
-    sharding.bind(groups, flat=flat or sharding.always_flat, masters=masters)
+    sharding.bind(groups, flat=flat or sharding.always_flat, keeps_masters=keeps_masters)
     device = groups[0][0].device
     if sharding.grads is not None and device.type == "cuda":
         # The per-parameter storages the flat buffers replaced stay reserved by the caching
         # allocator, and no later allocation (a group-sized buffer, activations) fits their
         # sizes well: without this the reserved memory holds the weights twice.
         torch.cuda.empty_cache()
-    return GroupStore(sharding.store_numels, kinds, masters=masters, offload=offload, device=device,
+    return GroupStore(sharding.store_numels, kinds, keeps_masters=keeps_masters, offloaded=offloaded, device=device,
                       pin_memory=pin_memory, slots=slots, chunk_mib=chunk_mib)
 
 
