@@ -10,7 +10,7 @@ import math
 import random
 from typing import NamedTuple
 
-STRATEGIES = ("bottom2up", "top2down", "random")
+STRATEGIES = ("bottom2up", "top2down", "random", "shuffled")
 # DeepSpeed schedules that hold warmup_min_lr for iterations -1 and 0.
 DEEPSPEED_WARMUP_SCHEDULES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
@@ -39,7 +39,7 @@ class GroupSchedule:
         groups = list(range(self.num_groups))
         if self.strategy == "top2down":
             groups.reverse()
-        elif self.strategy == "random":
+        elif self.strategy == "random":  # ("shuffled" shuffles the units once instead: units.model_groups)
             # A fresh generator per cycle, keyed by (seed, cycle): no hidden state to checkpoint.
             random.Random(f"hift-{self.seed}-{cycle}").shuffle(groups)
         return groups

@@ -7,6 +7,7 @@ same-class modules; users of other architectures pass one name pattern per unit 
 from __future__ import annotations
 
 import fnmatch
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -156,11 +157,25 @@ def units_from_patterns(model: nn.Module, patterns: list[str]) -> list[Unit]:
     return units
 
 
-def model_groups(model: nn.Module, patterns: list[str] | None, group_size: int | None,
-                 num_groups: int | None) -> tuple[list[Unit], list[list[Unit]]]:
-    """The model's units (discovered, or one per name pattern) and their groups (``group_size`` 1 if neither is set)."""
+def model_groups(model: nn.Module, patterns: list[str] | None, group_size: int | None, num_groups: int | None,
+                 shuffle_seed: int | None = None) -> tuple[list[Unit], list[list[Unit]]]:
+    """The model's units (discovered, or one per name pattern) and their groups (``group_size`` 1 if neither is set).
+
+    ``shuffle_seed`` (strategy "shuffled"): the groups are cut from the units in ``shuffled_units`` order; the
+    units returned stay in model order.
+    """
     units = units_from_patterns(model, patterns) if patterns is not None else discover_units(model)
-    return units, group_units(units, None if num_groups else group_size or 1, num_groups)
+    ordered = units if shuffle_seed is None else shuffled_units(units, shuffle_seed)
+    return units, group_units(ordered, None if num_groups else group_size or 1, num_groups)
+
+
+def shuffled_units(units: list[Unit], seed: int) -> list[Unit]:
+    """The units shuffled once by a generator seeded with ``seed``: the official HiFT code's "random" order."""
+    # Official HiFT shuffles its unit list once for the whole run and groups consecutive units of that list
+    # (neighbours in the list, not in the model). A string seed hashes the same in every process and rank.
+    out = list(units)
+    random.Random(f"hift-units-{seed}").shuffle(out)
+    return out
 
 
 def group_units(units: list[Unit], group_size: int | None = 1, num_groups: int | None = None) -> list[list[Unit]]:

@@ -32,7 +32,8 @@ CONFIG_ERRORS = {
     "offload_chunk_mib": (_cfg(hift={"offload": {"device": "cpu", "chunk_mib": -1}}), ValueError,
                           r"offload.chunk_mib: must be >= 1 \(MiB\), got -1"),
     "unknown_strategy": (_cfg(hift={"strategy": "sideways"}), ValueError,
-                         r"strategy: unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random"),
+                         r"strategy: unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random, "
+                         r"shuffled"),
     "group_size_0": (_cfg(hift={"group_size": 0}), ValueError, r"group_size: .*must be >= 1, got 0"),
     "num_groups_0": (_cfg(hift={"num_groups": 0}), ValueError, r"num_groups: .*must be >= 1, got 0"),
     "group_size_and_num_groups": (_cfg(hift={"group_size": 2, "num_groups": 2}), ValueError,

@@ -51,7 +51,7 @@ def assert_same_params(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("strategy", ["bottom2up", "top2down", "random"])
+@pytest.mark.parametrize("strategy", ["bottom2up", "top2down", "random", "shuffled"])
 @pytest.mark.parametrize("group_size", [1, 2, 3])  # 5 units: 3 does not divide
 def test_equivalent_to_torch_with_only_active_grads(name, strategy, group_size):
     model = tiny_llama()

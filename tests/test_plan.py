@@ -25,7 +25,7 @@ from tinymodel import make_classifier, sentiment_jsonl  # noqa: E402
 import hift_ds  # noqa: E402
 from hift_ds.config import check_zero_stage, hift_settings, parse_hift_config  # noqa: E402
 from hift_ds.deepspeed.plan import build_plan, check_config  # noqa: E402
-from hift_ds.schedule import WarmupShift, deepspeed_warmup_shift, trainer_warmup_shift  # noqa: E402
+from hift_ds.schedule import STRATEGIES, WarmupShift, deepspeed_warmup_shift, trainer_warmup_shift  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("single_rank_env")
@@ -61,7 +61,8 @@ ROWS = {
                                      config={"hift": {"group_size": 2, "num_groups": 2}},
                                      optimizer=dict(group_size=2, num_groups=2),
                                      trainer=(dict(hift={"group_size": 2, "num_groups": 2}), {})),
-    "unknown_strategy": Row("unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random",
+    "unknown_strategy": Row("unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random, "
+                            "shuffled",
                             config={"hift": {"strategy": "sideways"}}, optimizer=dict(strategy="sideways"),
                             trainer=(dict(hift={"strategy": "sideways"}), {})),
     "offload_device": Row("offload.device: Input should be 'auto', 'cpu' or 'none' (got 'disk')",
@@ -288,6 +289,23 @@ def test_hift_settings_are_the_hift_block():
         with pytest.raises(ValueError) as from_block:
             parse_hift_config(block)
         assert str(from_kwargs.value) == str(from_block.value)
+
+
+def test_every_strategy_passes_every_entry_point():
+    """Each strategy ("shuffled" included) is taken by the "hift" block, HiFTOptimizer, the engine and the CLI."""
+    from hift_ds.train import parse_args
+
+    assert STRATEGIES == ("bottom2up", "top2down", "random", "shuffled")
+    for strategy in STRATEGIES:
+        assert build_plan({"hift": {"strategy": strategy}}).hift.strategy == strategy
+        assert hift_settings(strategy=strategy).optimizer_kwargs()["strategy"] == strategy
+        assert hift_ds.HiFTOptimizer(tiny_llama(), "sgd", lr=0.1, strategy=strategy).schedule.strategy == strategy
+        assert parse_args(["--strategy", strategy]).strategy == strategy
+    cfg = EW.ds_config(hift={"strategy": "shuffled", "group_size": 2, "seed": 3})
+    _, optimizer, _, _ = hift_ds.initialize(model=tiny_llama(), config=cfg)
+    assert optimizer.schedule.strategy == "shuffled" and optimizer.num_groups == 3  # tiny_llama: 5 units
+    grouped = [u for g in range(3) for u in optimizer.group_units(g)]
+    assert sorted(grouped) == sorted(u.name for u in optimizer.units) and grouped != [u.name for u in optimizer.units]
 
 
 def test_zero_stage_rule():

@@ -118,7 +118,8 @@ def test_steps_to_cycles_rounds_up_and_keeps_zero_and_negatives(steps, k, cycles
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"^unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random$"):
+    with pytest.raises(ValueError, match=r"^unknown HiFT strategy 'sideways'; use one of bottom2up, top2down, random, "
+                                         r"shuffled$"):
         GroupSchedule(3, "sideways")
     with pytest.raises(ValueError, match=r"^num_groups must be >= 1, got 0$"):
         GroupSchedule(0)

@@ -7,7 +7,7 @@ import transformers as T
 from torch import nn
 
 from hift_ds import HiFTOptimizer
-from hift_ds.units import discover_units, group_units, param_numel, units_from_patterns
+from hift_ds.units import discover_units, group_units, model_groups, param_numel, units_from_patterns
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 ARCHS = {
@@ -216,6 +216,21 @@ def test_grouping(llama):
         group_units(units, None, num_groups=6)
     with pytest.raises(ValueError, match="not both"):
         group_units(units, 2, num_groups=2)
+
+
+def test_shuffled_groups_are_cut_from_the_units_shuffled_once_by_the_seed(llama):
+    """Strategy "shuffled" (the official HiFT code's random): one seeded shuffle of the units, then groups of it."""
+    units, groups = model_groups(llama, None, 2, None, shuffle_seed=7)
+    assert [u.name for u in units] == ["embeddings", "model.layers.0", "model.layers.1", "model.layers.2", "head"]
+    # pinned: the same seed gives the same groups in every process (a string seed, not hash()-dependent)
+    assert [[u.name for u in g] for g in groups] == [["model.layers.1", "head"], ["model.layers.0", "model.layers.2"],
+                                                     ["embeddings"]]
+    assert [[u.name for u in g] for g in model_groups(llama, None, None, 2, shuffle_seed=0)[1]] == \
+        [["head", "model.layers.1"], ["embeddings", "model.layers.0", "model.layers.2"]]
+    opt = HiFTOptimizer(llama, "sgd", lr=0.1, group_size=2, strategy="shuffled", seed=7)
+    assert [opt.group_units(i) for i in range(opt.num_groups)] == [[u.name for u in g] for g in groups]
+    assert [u.name for u in opt.units] == [u.name for u in units]  # model order
+    assert opt.schedule.order(0) == opt.schedule.order(5) == [0, 1, 2]  # one fixed order of groups, every cycle
 
 
 def test_encoder_decoder_asks_for_patterns_instead_of_a_lopsided_split():

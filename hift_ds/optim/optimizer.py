@@ -49,7 +49,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.sharding = sharding or Sharding()
         if self.sharding.stage and self.name is None:
             raise ValueError(f"ZeRO stage {self.sharding.stage} needs a built-in optimizer: {sorted(kernels.DEFAULTS)}")
-        self.units, self._unit_groups = model_groups(model, units, group_size, num_groups)
+        # "shuffled" (the official HiFT code's random): groups of units shuffled once, trained in one fixed order.
+        self.units, self._unit_groups = model_groups(model, units, group_size, num_groups,
+                                                     shuffle_seed=seed if strategy == "shuffled" else None)
         self._names = [[n for u in g for n, _ in u.params] for g in self._unit_groups]
         self._params = [[p for u in g for _, p in u.params] for g in self._unit_groups]
         self.device, self.model_dtype = shared_device_and_dtype([p for ps in self._params for p in ps])
@@ -119,7 +121,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return getattr(self.sharding, "overlap", False)
 
     def group_params(self, i: int) -> list[nn.Parameter]:
-        """The parameters of group ``i``, in model order."""
+        """The parameters of group ``i``, unit by unit (in model order but under strategy "shuffled")."""
         return list(self._params[i])
 
     def group_param_names(self, i: int) -> list[str]:

@@ -8,6 +8,8 @@ import math
 import os
 import sys
 
+from hift_ds.schedule import STRATEGIES
+
 # The checkout that holds hift_ds (an editable install or PYTHONPATH): its ds_configs/ are the defaults.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DESCRIPTION = "Fine-tune a Hugging Face model with HiFT (or plain DeepSpeed full fine-tuning) on JSONL data."
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an embedded job: its measured best for --mode)")
     p.add_argument("--group-size", type=_at_least(int, 1), default=None,
                    help="units per HiFT group (overrides the config)")
-    p.add_argument("--strategy", choices=["bottom2up", "top2down", "random"], default=None,
+    p.add_argument("--strategy", choices=list(STRATEGIES), default=None,
                    help="HiFT group order (overrides the config)")
     p.add_argument("--prompt-format", choices=["auto", "chat", "plain"], default="auto",
                    help="instruction prompts: the tokenizer's chat template (auto: when it has one) or plain text")
