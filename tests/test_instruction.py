@@ -12,7 +12,7 @@ from hift_ds import train
 from hift_ds.train import data as D
 from hift_ds.train import jobs
 from hift_ds.train.badam import block_prefixes, build_badam, recommended_switch_every
-from hift_ds.train.evaluation import evaluate
+from hift_ds.train.evaluation import curve_steps, evaluate, load_failure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,6 +111,52 @@ def test_instruction_run_reports_perplexity_and_samples(assets, tmp_path, capsys
     assert "perplexity" in out and out.count("reference: ") == 2
 
 
+def test_learning_curve_scores_both_held_out_sets_every_quarter_epoch(assets, tmp_path):
+    test = instruction_jsonl(str(tmp_path / "test.jsonl"), n=12)
+    out = tmp_path / "curve"
+    res = train.main(["--model", assets["lm"], "--data", assets["instr"], "--output-dir", str(out), "--epochs", "2",
+                      "--lr", "1e-2", "--samples", "0", "--test-data", test, "--eval-every-epochs", "0.25",
+                      "--batch-size", "4", *FAST[:2], "--max-length", "16", "--no-progress"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    curve = [json.loads(line) for line in open(out / "eval_log.jsonl")]
+    # 40 records, 10% held out: 36 in batches of 4 = 9 steps an epoch; every 2.25 steps, to the nearest
+    assert metrics["steps_per_epoch"] == 9 and metrics["steps"] == 18
+    assert [p["step"] for p in curve] == [0, 2, 5, 7, 9, 11, 14, 16, 18] == [0] + curve_steps(18, 9, 0.25)
+    assert [p["epoch"] for p in curve] == [p["step"] / 9 for p in curve]
+    assert (curve[0]["eval"], curve[0]["test"]) == (metrics["before"], metrics["test_before"])
+    assert (curve[-1]["eval"], curve[-1]["test"]) == (metrics["after"], metrics["test_after"]) == \
+        (res["after"], res["test_after"])
+    assert metrics["test_after"]["perplexity"] < metrics["test_before"]["perplexity"]
+    train_s, wall_s = [p["train_seconds"] for p in curve], [p["wall_seconds"] for p in curve]
+    assert train_s == sorted(train_s) and wall_s == sorted(wall_s) and train_s[0] == wall_s[0] == 0
+    # evaluation time counts in the wall time only: every point's difference is the evaluations before it
+    assert all(0 < w - t <= metrics["eval_seconds"] + 1e-6 for t, w in zip(train_s[2:], wall_s[2:]))
+    assert metrics["train_seconds"] == pytest.approx(train_s[-1], abs=0.05) and metrics["vocab_size"] == 25
+
+
+def test_curve_steps_are_the_nearest_steps_to_each_fraction_of_an_epoch():
+    assert curve_steps(289, 289, 0.25) == [72, 145, 217, 289]
+    assert curve_steps(578, 289, 0.25) == [72, 145, 217, 289, 361, 434, 506, 578]
+    assert curve_steps(10, 289, 0.25) == [10] and curve_steps(5, 10, 0.01) == [1, 2, 3, 4, 5]
+    assert curve_steps(578, 289, 0) == []
+
+
+def test_check_pretrained_stops_a_model_that_scores_like_a_uniform_guess(assets, tmp_path):
+    # the tiny LM has random weights: its perplexity is about its vocabulary size, 25
+    with pytest.raises(ValueError, match=r"--check-pretrained: the untrained model .* scores as if its weights did "
+                                         r"not load: on the eval split its held-out perplexity is 2\d\.\d+, at or "
+                                         r"above 0.5 x its vocabulary size 25"):
+        train.main(["--model", assets["lm"], "--data", assets["instr"], "--output-dir", str(tmp_path / "x"),
+                    "--check-pretrained", "--samples", "0", *FAST])
+    assert not (tmp_path / "x" / "metrics.json").exists()
+    assert load_failure({"eval_loss": 2.1, "perplexity": 8.2}, 49152) is None
+    assert "49152, at or above 0.5 x its vocabulary size 49152" in load_failure(
+        {"eval_loss": 10.8, "perplexity": 49152.0}, 49152)
+    assert "at or above" in load_failure({"eval_loss": 50.0, "perplexity": 5e21}, 49152)
+    assert "not finite" in load_failure({"eval_loss": float("nan"), "perplexity": float("nan")}, 49152)
+    assert load_failure({"eval_loss": 0.3, "accuracy": 0.9}, None) is None  # classification: the loss only
+
+
 def _params(path: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -126,6 +172,9 @@ def test_badam_mode_trains_one_unit_at_a_time(assets, tmp_path):
                       "--mode", "badam", "--badam-switch-every", "4", "--badam-order", "ascending", "--max-steps",
                       "6", "--lr", "1e-2", "--samples", "0", *FAST])
     assert res["after"]["eval_loss"] < res["before"]["eval_loss"]
+    # the log names the block each step trained; metrics.json the switch interval
+    assert [json.loads(line)["group"] for line in open(tmp_path / "b" / "train_log.jsonl")] == [0, 0, 0, 1, 1, 1]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["badam_switch_every"] == 4
     before, after = _params(assets["lm"]), _params(str(tmp_path / "b" / "final"))
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     # BAdam switches after steps K-1, 2K-1, ...: steps 1-3 trained unit 0 (embeddings; steps 1-2 at

@@ -152,7 +152,7 @@ def _run(args, script=os.path.join(ROOT, "launch", "train.py")):
 def test_sigkill_during_checkpoint_then_resume_matches_uninterrupted(assets, tmp_path):
     common = ["--model", assets["model"], "--data", assets["data"], "--max-steps", "12", "--save-every", "4",
               "--deepspeed", os.path.join(ROOT, "ds_configs", "hift_random.json"), "--batch-size", "8",
-              "--max-length", "16", "--no-progress", "--lr", "1e-3"]
+              "--max-length", "16", "--no-progress", "--lr", "1e-3", "--eval-every-epochs", "0.25"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert _run([*common, "--output-dir", str(a)]).returncode == 0
     # launch/train.py's command line, killed after DeepSpeed's step-8 files and before the pointer could move
@@ -166,6 +166,12 @@ def test_sigkill_during_checkpoint_then_resume_matches_uninterrupted(assets, tmp
     log_a = (a / "train_log.jsonl").read_text().splitlines()
     log_b = (b / "train_log.jsonl").read_text().splitlines()
     assert log_a == log_b  # identical loss, LR and group trajectory, bit for bit
+    # the learning curve too (22 steps an epoch: scored after steps 6, 11 and 12), its clock resumed
+    scores = lambda d: [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}  # noqa: E731
+                        for line in open(d / "eval_log.jsonl")]
+    assert [p["step"] for p in scores(a)] == [0, 6, 11, 12] and scores(a) == scores(b)
+    seconds = [json.loads(line)["wall_seconds"] for line in open(b / "eval_log.jsonl")]
+    assert seconds == sorted(seconds)
     ckpt_a = torch.load(a / "checkpoints" / "step12" / "mp_rank_00_model_states.pt", weights_only=False)
     assert "rng" in ckpt_a and ("cuda_rng" in ckpt_a) == torch.cuda.is_available()
     sa = ckpt_a["module"]

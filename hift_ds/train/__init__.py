@@ -6,7 +6,8 @@ command line around it (``error: ...`` and exit status 2). The modules, one job 
 - ``cli``: the options, the DeepSpeed config they override, the embedded job they default to, ``run()``;
 - ``loop``: ``main()`` in stages: data and model, engine, resume, epochs, final evaluation and save;
 - ``model``: the model loaded from a Hugging Face name or folder, and saved as ``final/``;
-- ``data``, ``jobs`` (the embedded jobs), ``evaluation``, ``checkpoints``, ``badam`` (the BAdam baseline).
+- ``data``, ``jobs`` (the embedded jobs), ``evaluation``, ``curve`` (the learning curve), ``checkpoints``,
+  ``outputs`` (what --output-dir holds), ``badam`` (the BAdam baseline).
 """
 from hift_ds.train.cli import batches_per_epoch, build_config, build_parser, parse_args, resolve_job, run
 from hift_ds.train.loop import main

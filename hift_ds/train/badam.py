@@ -47,6 +47,16 @@ def block_prefixes(model: nn.Module) -> list[list[str]]:
     return blocks
 
 
+def active_block(optimizer) -> int | None:
+    """Index of the block a BAdam BlockOptimizer trains now (its ``active_param_prefixs``), None if not BAdam's."""
+    blocks, active = getattr(optimizer, "block_prefix_list", None), getattr(optimizer, "active_param_prefixs", None)
+    if blocks is None or active is None:
+        return None
+    # BlockOptimizer appends its always-active modules (none here) to the block's prefixes.
+    own = active[:len(active) - len(getattr(optimizer, "active_modules", []))]
+    return blocks.index(own) if own in blocks else None
+
+
 def build_badam(model: nn.Module, ds_config: dict, order: str = "random", switch_every: int = 0,
                 num_examples: int = 0, world: int = 1):
     """(BlockOptimizer, DeepSpeed config for it); the model is cast to bf16 if the config asks for bf16.

@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the --task job's)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
+    p.add_argument("--test-data", default=None, help="a second held-out JSONL, scored whenever the eval split is "
+                   "(before, along --eval-every-epochs, after): metrics.json's test_before/test_after")
+    p.add_argument("--eval-every-epochs", type=_at_least(float, 0), default=0.0,
+                   help="learning curve: score the held-out sets every this many epochs (e.g. 0.25) and at the "
+                   "end into eval_log.jsonl (step, epoch, seconds of training and of wall time since the start, "
+                   "loss and perplexity or accuracy); 0: before and after training only")
+    p.add_argument("--check-pretrained", action="store_true",
+                   help="stop with an error if the untrained model's held-out loss is not finite or its perplexity "
+                   "is at or above half its vocabulary size (a uniform guess): its pretrained weights did not load")
     p.add_argument("--mode", choices=["hift", "fpft", "badam"], default="hift",
                    help="HiFT, plain DeepSpeed full fine-tuning, or BAdam (the badam package) as a baseline")
     p.add_argument("--epochs", type=_at_least(float, 0, strict=True), default=1.0, help="passes over the training data")

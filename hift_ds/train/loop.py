@@ -20,10 +20,11 @@ from hift_ds import atomic
 from hift_ds.train import data as D
 from hift_ds.train.checkpoints import restore_rng_state, resume_tag, rng_state, save_checkpoint
 from hift_ds.train.cli import build_config, parse_args, resolve_job
-from hift_ds.train.evaluation import evaluate, generate_samples
+from hift_ds.train.curve import LearningCurve
+from hift_ds.train.evaluation import evaluate_sets, generate_samples, load_failure
 from hift_ds.train.model import load_model, save_final
 from hift_ds.train.nonfinite import NonFiniteGuard, nonfinite_parameters
-from hift_ds.train.outputs import check_output_dir, clear_previous_run
+from hift_ds.train.outputs import check_output_dir, clear_previous_run, trim_log
 
 log = logging.getLogger(__package__)  # the CLI's messages keep the one name "hift_ds.train"
 
@@ -33,10 +34,11 @@ class Job:
     """What the run trains on: the task, tokenizer and model, the encoded sets, the prompts sampled before and after."""
 
     task: str
+    model_path: str
     tok: Any
     model: Any
     train_ds: Any
-    eval_ds: Any
+    held_out: dict[str, Any]  # "eval" (and "test" with --test-data): encoded held-out sets, scored in this order
     samples: list[dict]  # held-out instruction records whose greedy generations are printed
     chat: bool  # instruction prompts through the tokenizer's chat template
     zero3: bool  # a ZeRO-3 config: the model is partitioned across the ranks
@@ -50,11 +52,23 @@ class Run:
     optimizer: Any
     sampler: Any
     loader: Any
-    eval_loader: Any
+    eval_loaders: dict[str, Any]  # one per held-out set, as Job.held_out
+    task: str  # how they are scored (evaluation.evaluate)
     total_steps: int
     world: int
     ckpt_dir: str
     log_path: str
+    badam: Any = None  # --mode badam: BAdam's BlockOptimizer (which block trains)
+
+
+@dataclass
+class Start:
+    """Where training starts: step 0, or a checkpoint's step and what the run recorded up to it."""
+
+    step: int = 0
+    batches: int = 0  # micro-batches read (a skipped non-finite one included)
+    before: dict | None = None  # the untrained model's scores per held-out set
+    seconds: tuple[float, float] = (0.0, 0.0)  # seconds spent training and evaluating so far
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,19 +85,23 @@ def main(argv: list[str] | None = None) -> dict:
                          "position or its fp32 copy, so a resumed run would not continue the same training")
     job = prepare_data(args)
     run = build_engine(args, job)
-    step, before, batches = resume(args, run)
-    if before is None:
-        before = evaluate(run.engine.module, run.eval_loader, job.task)
-    samples_before = _generate(run, job) if step == 0 else []
-    start_log(run, step)
-    step = train_epochs(args, run, step, before, batches)
-    return finish(args, run, job, step, before, samples_before)
+    start = resume(args, run)
+    before = start.before or score_untrained(args, run, job)
+    samples_before = _generate(run, job) if start.step == 0 else []
+    if run.engine.global_rank == 0:
+        trim_log(run.log_path, start.step)
+    curve = LearningCurve(args.output_dir, run.total_steps, len(run.loader), run.engine.gradient_accumulation_steps(),
+                          args.eval_every_epochs, start.seconds, main=run.engine.global_rank == 0)
+    curve.start(start.step, before)
+    step = train_epochs(args, run, start, before, curve)
+    return finish(args, run, job, step, before, samples_before, curve)
 
 
 def prepare_data(args: argparse.Namespace) -> Job:
     """Read and check the data and the config, load the model (partitioned under ZeRO-3), encode both sets for it."""
     model_path, data_path = resolve_job(args)
     task, train_recs, eval_recs = read_records(args, data_path)
+    test_recs = read_held_out(args.test_data, "--test-data", task, data_path) if args.test_data else None
     labels = D.label_set(train_recs, data_path) if task == D.CLASSIFICATION else []
     ds_file = check_config(args, len(train_recs))
     zero3 = isinstance(ds_file, dict) and (ds_file.get("zero_optimization") or {}).get("stage") == 3
@@ -99,15 +117,17 @@ def prepare_data(args: argparse.Namespace) -> Job:
         from hift_ds.activations import enable_gradient_checkpointing
         enable_gradient_checkpointing(model)
     D.check_max_length(args.max_length, tok, model.config)
-    eval_path = args.eval_data or data_path
-    if task == D.CLASSIFICATION:
-        train_ds = D.encode_classification(train_recs, tok, labels, args.max_length, data_path)
-        eval_ds = D.encode_classification(eval_recs, tok, labels, args.max_length, eval_path)
-    else:
-        train_ds = D.encode_instruction(train_recs, tok, args.max_length, data_path, args.prompt_format)
-        eval_ds = D.encode_instruction(eval_recs, tok, args.max_length, eval_path, args.prompt_format)
+
+    def encode(recs: list[dict], path: str):
+        if task == D.CLASSIFICATION:
+            return D.encode_classification(recs, tok, labels, args.max_length, path)
+        return D.encode_instruction(recs, tok, args.max_length, path, args.prompt_format)
+    held_out = {"eval": encode(eval_recs, args.eval_data or data_path)}
+    if test_recs is not None:
+        held_out["test"] = encode(test_recs, args.test_data)
     instruction = task == D.INSTRUCTION
-    return Job(task, tok, model, train_ds, eval_ds, samples=eval_recs[:args.samples] if instruction else [],
+    return Job(task, model_path, tok, model, encode(train_recs, data_path), held_out,
+               samples=eval_recs[:args.samples] if instruction else [],
                chat=instruction and D.uses_chat_template(tok, args.prompt_format), zero3=zero3)
 
 
@@ -122,14 +142,17 @@ def read_records(args: argparse.Namespace, data_path: str) -> tuple[str, list[di
         records = D.usable_classification(records, data_path)
     if not args.eval_data:
         return (task, *D.split(records, args.eval_fraction, args.seed))
-    eval_recs = D.read_jsonl(args.eval_data)
-    eval_task = D.detect_task(eval_recs, args.eval_data)
-    if eval_task != task:
-        raise ValueError(f"--eval-data {args.eval_data} holds {eval_task} records, --data {data_path} {task} "
-                         "records; pass held-out records of the same task")
-    if task == D.CLASSIFICATION:
-        eval_recs = D.usable_classification(eval_recs, args.eval_data)
-    return task, records, eval_recs
+    return task, records, read_held_out(args.eval_data, "--eval-data", task, data_path)
+
+
+def read_held_out(path: str, flag: str, task: str, data_path: str) -> list[dict]:
+    """The records of a held-out file (--eval-data, --test-data), checked to be of --data's task."""
+    records = D.read_jsonl(path)
+    held_task = D.detect_task(records, path)
+    if held_task != task:
+        raise ValueError(f"{flag} {path} holds {held_task} records, --data {data_path} {task} records; pass "
+                         "held-out records of the same task")
+    return D.usable_classification(records, path) if task == D.CLASSIFICATION else records
 
 
 def check_config(args: argparse.Namespace, train_size: int) -> dict:
@@ -178,22 +201,26 @@ def build_engine(args: argparse.Namespace, job: Job) -> Run:
     # resumed run (whose iterator starts at another point) would diverge from the uninterrupted one.
     loader = DataLoader(job.train_ds, batch_size=micro, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    eval_loader = DataLoader(job.eval_ds, batch_size=micro)
+    gas = engine.gradient_accumulation_steps()
+    if len(loader) < gas:
+        raise ValueError(f"{len(job.train_ds)} training examples make {len(loader)} micro-batches per epoch, fewer "
+                         f"than gradient_accumulation_steps={gas}; lower --batch-size or add data")
+    eval_loaders = {name: DataLoader(ds, batch_size=micro) for name, ds in job.held_out.items()}
     if args.overwrite_output_dir:
         clear_previous_run(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
-    return Run(engine, optimizer, sampler, loader, eval_loader, total_steps, world,
+    return Run(engine, optimizer, sampler, loader, eval_loaders, job.task, total_steps, world,
                ckpt_dir=os.path.join(args.output_dir, "checkpoints"),  # created by the first checkpoint, if any
-               log_path=os.path.join(args.output_dir, "train_log.jsonl"))
+               log_path=os.path.join(args.output_dir, "train_log.jsonl"), badam=client)
 
 
-def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None, int]:
-    """(optimizer step, metrics before training, micro-batches read): from the checkpoint --resume chooses, else 0s."""
+def resume(args: argparse.Namespace, run: Run) -> Start:
+    """Where training starts: the checkpoint --resume chooses, else step 0."""
     tag = resume_tag(run.ckpt_dir) if args.resume else None  # verified against its manifest, or a fall-back
     if tag is None:
         if args.resume:
             log.warning("--resume: no checkpoint in %s yet: starting at step 0", run.ckpt_dir)
-        return 0, None, 0
+        return Start()
     folder = os.path.join(run.ckpt_dir, tag)
     try:
         load_path, client = run.engine.load_checkpoint(run.ckpt_dir, tag=tag)
@@ -210,43 +237,34 @@ def resume(args: argparse.Namespace, run: Run) -> tuple[int, dict | None, int]:
     log.info("resumed from %s at optimizer step %d", folder, client["step"])
     # Skipped micro-batches (a non-finite loss) were read but not trained: the data position is its own count.
     gas = run.engine.gradient_accumulation_steps()
-    return client["step"], client["before"], client.get("batches", client["step"] * gas)
+    # A checkpoint saved before --test-data and learning curves holds the eval split's scores alone.
+    return Start(client["step"], client.get("batches", client["step"] * gas),
+                 client.get("held_out_before") or {"eval": client["before"]},
+                 (client.get("train_seconds", 0.0), client.get("eval_seconds", 0.0)))
 
 
-def start_log(run: Run, step: int) -> None:
-    """The step log of this run: a fresh one, or a resumed run's with the entries past its checkpoint dropped."""
-    if run.engine.global_rank != 0 or not os.path.exists(run.log_path):
-        return
-    if step == 0:
-        os.remove(run.log_path)
-        return
-    kept, unreadable = [], []
-    with open(run.log_path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                entry_step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):  # a kill while the line was written tears the last line
-                unreadable.append(n)
-                continue
-            if entry_step <= step:
-                kept.append(line.rstrip(b"\n") + b"\n")
-    if unreadable:
-        log.warning("%s: dropped %d unreadable line%s (line %s; a run killed while writing leaves its last line "
-                    "torn)", run.log_path, len(unreadable), "s" if len(unreadable) > 1 else "",
-                    ", ".join(map(str, unreadable[:5])))
-    atomic.write_bytes(run.log_path, b"".join(kept))
+def score_untrained(args: argparse.Namespace, run: Run, job: Job) -> dict:
+    """The untrained model's scores on each held-out set; --check-pretrained: ValueError if they say it did not load."""
+    scores = evaluate_sets(run.engine.module, run.eval_loaders, run.task)
+    if args.check_pretrained:
+        for name, result in scores.items():
+            why = load_failure(result, getattr(job.model.config, "vocab_size", None))
+            if why:
+                raise ValueError(f"--check-pretrained: the untrained model {job.model_path} scores as if its weights "
+                                 f"did not load: on the {name} split {why}; check the model folder and how it was "
+                                 "saved, and that no other process is writing it")
+    return scores
 
 
-def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict, batches: int) -> int:
-    """Train from optimizer step ``step`` (``batches`` micro-batches read) to the budget, logging, checkpointing and
-    profiling; the last step. A micro-batch with a non-finite loss is skipped (nonfinite.py)."""
+def train_epochs(args: argparse.Namespace, run: Run, start: Start, before: dict, curve: LearningCurve) -> int:
+    """Train from ``start`` to the budget, logging, scoring the learning curve, checkpointing and profiling; the last
+    step. A micro-batch with a non-finite loss is skipped (nonfinite.py)."""
     from tqdm import tqdm
 
+    from hift_ds.train.badam import active_block
+
     engine, optimizer, world, rank = run.engine, run.optimizer, run.world, run.engine.global_rank
-    gas, epoch_batches = engine.gradient_accumulation_steps(), len(run.loader)
-    if epoch_batches < gas:
-        raise ValueError(f"{len(run.loader.dataset)} training examples make {epoch_batches} micro-batches per epoch, "
-                         f"fewer than gradient_accumulation_steps={gas}; lower --batch-size or add data")
+    gas, epoch_batches, step, batches = engine.gradient_accumulation_steps(), len(run.loader), start.step, start.batches
     bar = tqdm(total=run.total_steps, initial=step, disable=args.no_progress or rank != 0, dynamic_ncols=True,
                desc=args.mode)
     prof = _start_profiler(optimizer) if args.profile else None
@@ -254,6 +272,7 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict, ba
     guard = NonFiniteGuard(args.max_nonfinite_batches)
     engine.train()
     tokens, t0, trained = 0, time.time(), step * gas
+    curve.clock.start()
     while step < run.total_steps:
         epoch, skip = divmod(batches, epoch_batches)  # a resumed run skips what its epoch already read
         run.sampler.set_epoch(epoch)
@@ -271,7 +290,8 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict, ba
             engine.backward(loss)
             mark("step")
             if engine.is_gradient_accumulation_boundary():  # this step updates, then moves group and LR on
-                lr, group = optimizer.param_groups[0]["lr"], getattr(optimizer, "active_group", None)
+                lr = optimizer.param_groups[0]["lr"]
+                group = active_block(run.badam) if run.badam is not None else getattr(optimizer, "active_group", None)
             engine.step()
             mark(None)
             trained += 1
@@ -288,10 +308,15 @@ def train_epochs(args: argparse.Namespace, run: Run, step: int, before: dict, ba
             bar.update(1)
             if args.log_every and step % args.log_every == 0 and rank == 0:
                 log.info("step %d loss %.4f lr %.3e group %s", step, loss_val, lr, group)
+            if curve.due(step):
+                with curve.clock.paused():
+                    scores = evaluate_sets(engine.module, run.eval_loaders, run.task)
+                curve.record(step, scores)
             if args.save_every and (step % args.save_every == 0 or step == run.total_steps):
                 guard.check_weights(engine.module, step, f"checkpoint step{step}")
-                save_checkpoint(engine, run.ckpt_dir, step, {"step": step, "batches": batches, "before": before,
-                                                             **rng_state()}, keep=args.save_total_limit)
+                state = {"step": step, "batches": batches, "before": before["eval"], "held_out_before": before,
+                         **curve.checkpoint_state(), **rng_state()}
+                save_checkpoint(engine, run.ckpt_dir, step, state, keep=args.save_total_limit)
             if step >= run.total_steps:
                 break
     bar.close()
@@ -316,27 +341,39 @@ def _write_profile(prof, output_dir: str, mode: str) -> None:
     prof.plot(os.path.join(output_dir, "profile.png"), title=f"{mode} training")
 
 
-def finish(args: argparse.Namespace, run: Run, job: Job, step: int, before: dict, samples_before: list) -> dict:
-    """Evaluate after training, save final/ and metrics.json, print the comparison; returns the metrics."""
+def finish(args: argparse.Namespace, run: Run, job: Job, step: int, before: dict, samples_before: list,
+           curve: LearningCurve) -> dict:
+    """Evaluate after training, save final/ and metrics.json, print the comparison; returns the metrics.
+
+    ``before``: the untrained model's scores per held-out set; metrics.json's ``before``/``after`` are the eval
+    split's, ``test_before``/``test_after`` the --test-data set's."""
     from hift_ds.distributed.zero3 import gathered_state_dict
 
     NonFiniteGuard.check_weights(run.engine.module, step, "final/")  # a good final/ is never replaced by these
-    after = evaluate(run.engine.module, run.eval_loader, job.task)
+    with curve.clock.paused():
+        scores = evaluate_sets(run.engine.module, run.eval_loaders, run.task)
+    curve.record(step, scores)
+    train_seconds, _ = curve.clock.seconds()
     samples = _generate(run, job)
     for i, sample in enumerate(samples):
         sample["before"] = samples_before[i]["generated"] if samples_before else None
     # ZeRO-3: every rank holds 1/N of the weights; gather them module by module (all ranks take part).
     state = gathered_state_dict(run.engine.module) if job.zero3 else None
+    test = {"test_before": before.get("test"), "test_after": scores["test"]} if "test" in scores else {}
     if run.engine.global_rank == 0:
         final = os.path.join(args.output_dir, "final")
         save_final(run.engine.module, job.tok, final, state_dict=state)
-        result = {"mode": args.mode, "lr": args.lr, "steps": step, "before": before, "after": after,
-                  "samples": samples}
+        result = {"mode": args.mode, "lr": args.lr, "steps": step, "before": before["eval"], "after": scores["eval"],
+                  "samples": samples, "steps_per_epoch": len(run.loader) / run.engine.gradient_accumulation_steps(),
+                  "train_seconds": train_seconds, "eval_seconds": curve.clock.eval_seconds,
+                  "vocab_size": getattr(job.model.config, "vocab_size", None), **test}
+        if run.badam is not None:
+            result["badam_switch_every"] = run.badam.switch_block_every
         atomic.write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(result, indent=2))
-        _print_report(before, after, samples)
+        _print_report(before, scores, samples)
         dtype = str(next(run.engine.module.parameters()).dtype).replace("torch.", "")
         print(f"final model ({dtype}): {final}")
-    return {"before": before, "after": after, "samples": samples}
+    return {"before": before["eval"], "after": scores["eval"], "samples": samples, **test}
 
 
 def _generate(run: Run, job: Job) -> list[dict]:
@@ -347,9 +384,13 @@ def _generate(run: Run, job: Job) -> list[dict]:
 
 
 def _print_report(before: dict, after: dict, samples: list[dict]) -> None:
-    print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
-    for k in after:
-        print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}")
+    """The metrics of each held-out set before and after training (the test set's prefixed), then the samples."""
+    width = 12 if len(after) == 1 else 17
+    print(f"\n{'metric':<{width}}{'before':>10}{'after':>10}")
+    for name, scores in after.items():
+        for k, a in scores.items():
+            b = (before.get(name) or {}).get(k, float("nan"))
+            print(f"{k if name == 'eval' else f'{name} {k}':<{width}}{b:>10.4f}{a:>10.4f}")
     for sample in samples:
         print(f"\nprompt:    {sample['prompt']}\nreference: {sample['reference']}")
         if sample["before"] is not None:

@@ -2,7 +2,7 @@
 
 - A fresh run into a directory that holds a previous run (its log, metrics, final/ or checkpoints) stops
   and names ``--resume`` and ``--overwrite-output-dir``.
-- ``--overwrite-output-dir`` deletes the previous log, metrics, profile and checkpoints once the run has
+- ``--overwrite-output-dir`` deletes the previous logs, metrics, profile and checkpoints once the run has
   checked its input and built its engine; the previous final/ stays until this run's replaces it.
 - ``--resume`` with no checkpoint yet starts at step 0, like a resume from a checkpoint at step 0: the log of
   a run killed before its first checkpoint is dropped (those steps are trained again). It stops instead when
@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 
@@ -18,8 +20,10 @@ from hift_ds import atomic
 from hift_ds.distributed import is_main_process
 from hift_ds.train.checkpoints import LATEST, finished_tags
 
+log = logging.getLogger(__package__)  # the CLI's messages keep the one name "hift_ds.train"
 # What a run writes to --output-dir; all of it but final/ goes with --overwrite-output-dir.
 LOG, METRICS, FINAL, CHECKPOINTS = "train_log.jsonl", "metrics.json", "final", "checkpoints"
+EVAL_LOG = "eval_log.jsonl"  # the learning curve (--eval-every-epochs)
 PROFILE = ("profile.json", "profile.png")
 
 
@@ -53,11 +57,35 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
 
 
 def clear_previous_run(output_dir: str) -> None:
-    """--overwrite-output-dir: delete the previous run's log, metrics, profile and checkpoints (final/ stays)."""
+    """--overwrite-output-dir: delete the previous run's logs, metrics, profile and checkpoints (final/ stays)."""
     if not is_main_process():
         return
-    for name in (LOG, METRICS, *PROFILE):
+    for name in (LOG, EVAL_LOG, METRICS, *PROFILE):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             os.remove(path)
     shutil.rmtree(os.path.join(output_dir, CHECKPOINTS), ignore_errors=True)
+
+
+def trim_log(path: str, step: int) -> None:
+    """A JSONL log of a run resumed at optimizer ``step``: the entries past it dropped (all of them at step 0)."""
+    if not os.path.exists(path):
+        return
+    if step == 0:
+        os.remove(path)
+        return
+    kept, unreadable = [], []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                entry_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a kill while the line was written tears the last line
+                unreadable.append(n)
+                continue
+            if entry_step <= step:
+                kept.append(line.rstrip(b"\n") + b"\n")
+    if unreadable:
+        log.warning("%s: dropped %d unreadable line%s (line %s; a run killed while writing leaves its last line "
+                    "torn)", path, len(unreadable), "s" if len(unreadable) > 1 else "",
+                    ", ".join(map(str, unreadable[:5])))
+    atomic.write_bytes(path, b"".join(kept))
