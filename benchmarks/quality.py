@@ -69,16 +69,23 @@ def _without(args: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
+def run_args(mode: str, out: str, train_args: list[str]) -> list[str]:
+    """launch/train.py's options for a benchmark's run of ``mode`` into ``out``, trained from the start whatever ``out``
+    holds, with ``train_args`` (less HiFT's own options for another mode, which launch/train.py refuses)."""
+    from hift_ds.train.cli import HIFT_ONLY
+
+    if mode != "hift":  # options shared by every run of a benchmark (after its --) that apply to HiFT's alone
+        train_args = _without(train_args, HIFT_ONLY)
+    # --overwrite-output-dir: a benchmark runs a run again only to train it again from the start (a previous
+    # attempt's files are replaced, never resumed).
+    return ["--mode", mode, "--output-dir", out, "--overwrite-output-dir", *train_args]
+
+
 def train_run(label: str, mode: str, strategy: str | None, seed: int, lr: float | None, out: str,
               train_args: list[str]) -> dict:
     """launch/train.py once in a subprocess (output under ``out``); its metrics.json plus the wall time, or the error."""
-    # --overwrite-output-dir: run again, this script trains each run again from the start in its directory.
-    from hift_ds.train.cli import HIFT_ONLY
-
-    if mode != "hift":  # launch/train.py refuses HiFT's options for the other modes; they apply to HiFT's runs
-        train_args = _without(train_args, HIFT_ONLY)
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--mode", mode, "--output-dir", out,
-           "--overwrite-output-dir", "--no-progress", "--seed", str(seed), *train_args]
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"),
+           *run_args(mode, out, ["--no-progress", "--seed", str(seed), *train_args])]
     if strategy:
         cmd += ["--strategy", strategy]
     if lr is not None:

@@ -10,9 +10,10 @@ micro-batch size (same token budget), in its own launch/train.py process.
 1. Sweep: each method (fpft, HiFT bottom2up / top2down / random, BAdam) at each of its
    candidate peak LRs, first seed, judged on the validation split only.
    A finished run (its result.json) is not trained again, so an interrupted study resumes.
-2. Final: each method at its best validation LR. The first seed's sweep model is evaluated
-   on the test split; every further seed is trained again and evaluated on the test split.
-   The table shows mean +- std over the seeds; the test split never picks anything.
+2. Final: each method at its best validation LR, every further seed trained again. Every run
+   scores itself on both splits in its own process (launch/train.py --test-data); the table
+   shows the test split, mean +- std over the seeds; the test split never picks anything. A run
+   whose untrained model scores like a uniform guess (its weights did not load) stops the study.
 
     python benchmarks/quality_llm.py --out runs/qllm --seeds 42,1 --jobs 2 \\
         --lrs fpft=5e-5,2e-4 hift=2e-4,6e-4 badam=5e-5,2e-4 -- --max-steps 24 --batch-size 4 --max-length 64
@@ -25,7 +26,6 @@ import os
 import random
 import shutil
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,12 +67,12 @@ def parse_lrs(specs: list[str]) -> dict[str, list[float]]:
     return out
 
 
-def write_split(out: str, test_size: int, val_size: int, seed: int = 0) -> dict[str, str]:
-    """The embedded instruction data split once into train / val / test JSONL files under ``out``."""
+def write_split(out: str, test_size: int, val_size: int, seed: int = 0, source: str | None = None) -> dict[str, str]:
+    """Records (the embedded instruction data unless ``source``) split once into train / val / test JSONL files under ``out``."""
     from hift_ds.train import data as D
     from hift_ds.train.jobs import instruction_data
 
-    records = D.read_jsonl(instruction_data())
+    records = D.read_jsonl(source or instruction_data())
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     parts = {"test": order[:test_size], "val": order[test_size:test_size + val_size],
@@ -86,33 +86,25 @@ def write_split(out: str, test_size: int, val_size: int, seed: int = 0) -> dict[
     return paths
 
 
-def _bf16(config_path: str) -> bool:
-    with open(config_path) as f:
-        return bool(json.load(f).get("bf16", {}).get("enabled"))
+def checked(res: dict) -> dict:
+    """A run's result, with its held-out scores checked: a model that did not load stops the study."""
+    from hift_ds.train.evaluation import load_failure
 
-
-def evaluate_saved(model_dir: str, data_path: str, max_length: int, batch_size: int, bf16: bool = False) -> dict:
-    """Loss and perplexity of a saved final model on ``data_path``, encoded as launch/train.py encodes it."""
-    import torch
-    import transformers
-
-    from hift_ds.train import data as D
-    from hift_ds.train.evaluation import evaluate
-
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # in the dtype it was saved in
-    if bf16:
-        model.to(torch.bfloat16)  # as launch/train.py evaluates under a bf16 config
-    ds = D.encode_instruction(D.read_jsonl(data_path), tok, max_length, data_path)
-    return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=batch_size), D.INSTRUCTION)
-
-
-def _option(extra: list[str], name: str, default: int) -> int:
-    return int(extra[extra.index(name) + 1]) if name in extra else default
+    if "error" in res:
+        if "--check-pretrained" in res["error"]:  # launch/train.py refused the untrained model's scores
+            raise SystemExit(f"quality_llm.py: {res['label']} lr {res['lr']:g} seed {res['seed']}: {res['error']}")
+        return res
+    for name in ("before", "test_before"):
+        why = load_failure(res[name], res.get("vocab_size"))
+        if why:
+            raise SystemExit(f"quality_llm.py: {res['label']} lr {res['lr']:g} seed {res['seed']}: the untrained "
+                             f"model scores as if its weights did not load: {why}")
+    why = load_failure(res["after"], res.get("vocab_size"))
+    return {**res, "error": f"diverged: {why}"} if why else res
 
 
 def main(argv=None) -> list[dict]:
-    """Sweep on the validation split, then the final runs on the test split; print and save the table."""
+    """Sweep on the validation split, then the further seeds; print and save the test-split table."""
     args, extra = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = parse_lrs(args.lrs)
@@ -122,18 +114,23 @@ def main(argv=None) -> list[dict]:
     if missing:
         raise SystemExit(f"quality_llm.py: no --lrs for {missing}")
     split = write_split(args.out, args.test_size, args.val_size)
-    common = ["--deepspeed", args.deepspeed, "--task", "instruction", "--samples", "0", *extra]
+    # Every run scores itself, in its own process, on both held-out splits (validation picks the LR,
+    # test is reported): no model is loaded again here, and --check-pretrained stops a run whose
+    # untrained model did not load (a uniform guess scores perplexity = vocabulary size).
+    common = ["--deepspeed", args.deepspeed, "--task", "instruction", "--samples", "0", "--data", split["train"],
+              "--eval-data", split["val"], "--test-data", split["test"], "--check-pretrained", *extra]
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     os.environ["OMP_NUM_THREADS"] = threads  # the runs share the cores instead of oversubscribing them
 
     def run(job):
-        label, mode, strategy, seed, lr, evals, out = job
+        label, mode, strategy, seed, lr, out = job
         done = os.path.join(out, "result.json")
         if os.path.isfile(done):  # finished by an earlier, interrupted invocation: not trained again
             with open(done) as f:
-                return json.load(f)
-        res = train_run(label, mode, strategy, seed, lr, out, [*common, "--data", split["train"], "--eval-data",
-                                                               split[evals]])
+                res = json.load(f)
+            if "test_after" in res:  # else written before runs scored the test split themselves: run again
+                return checked(res)
+        res = checked(train_run(label, mode, strategy, seed, lr, out, common))
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)  # ~1.6 GB each, not needed here
         if "error" not in res:
             with open(done, "w") as f:
@@ -143,45 +140,29 @@ def main(argv=None) -> list[dict]:
     def jobs_for(phase: str, seed: int, chosen: dict | None) -> list[tuple]:
         # Round-robin over the methods (each one's first LR, then each one's second, ...): the
         # methods interleave in time, so a busy spell of the machine does not hit one method only.
-        per_method = [[(label, mode, strategy, seed, lr, "val" if phase == "sweep" else "test",
+        per_method = [[(label, mode, strategy, seed, lr,
                         os.path.join(args.out, phase, label.replace(" ", "_"), f"lr{lr:g}_seed{seed}"))
                        for lr in (lrs.get(strategy, lrs.get(mode)) if chosen is None else [chosen[label]])]
                       for label, mode, strategy in methods if chosen is None or label in chosen]
         return [jobs[i] for i in range(max(map(len, per_method), default=0)) for jobs in per_method
                 if i < len(jobs)]
 
-    import transformers  # noqa: F401 - imported here once: first imports racing in the pool's threads fail
+    # The threads only wait on training processes; nothing is loaded or scored in them.
     with ThreadPoolExecutor(args.jobs) as pool:
-        sweep_jobs = jobs_for("sweep", seeds[0], None)
-        sweep = list(pool.map(run, sweep_jobs))
-        chosen, best_dirs = {}, {}
-        for (label, *_, out), res in zip(sweep_jobs, sweep):
+        sweep = list(pool.map(run, jobs_for("sweep", seeds[0], None)))
+        chosen, best = {}, {}
+        for res in sweep:
             if "error" in res:
-                print(f"sweep {label} lr {res['lr']:g}: error: {res['error']}")
+                print(f"sweep {res['label']} lr {res['lr']:g}: error: {res['error']}")
                 continue
-            print(f"sweep {label} lr {res['lr']:g}: val loss {res['after']['eval_loss']:.4f} "
+            print(f"sweep {res['label']} lr {res['lr']:g}: val loss {res['after']['eval_loss']:.4f} "
                   f"({res['seconds']:.0f} s)", flush=True)
-            if label not in chosen or res["after"]["eval_loss"] < best_dirs[label][1]["after"]["eval_loss"]:
-                chosen[label], best_dirs[label] = res["lr"], (out, res)
-        max_length, batch = _option(extra, "--max-length", 128), _option(extra, "--batch-size", 8)
-        # The other seeds train (fpft, the longest, first) while the first seed's chosen models are
-        # scored on the test split.
-        final_runs = [pool.submit(run, j) for s in seeds[1:] for j in jobs_for("final", s, chosen)]
-        lock = threading.Lock()  # from_pretrained is not thread-safe (global init/dtype state): one at a time
-
-        def score(out: str) -> dict:
-            with lock:
-                return evaluate_saved(os.path.join(out, "final"), split["test"], max_length, batch)
-        tests = {label: pool.submit(score, out) for label, (out, _) in best_dirs.items()}
-        final = [f.result() for f in final_runs]
-        before = next((r["before"] for r in final if "error" not in r), None)
-        if before is None:  # no further seed ran: the untrained model on the test split, measured here
-            from hift_ds.train.jobs import instruction_model
-            before = evaluate_saved(instruction_model(), split["test"], max_length, batch,
-                                    bf16=_bf16(args.deepspeed))
-        runs = [{**res, "val_after": res["after"], "after": tests[label].result(), "before": before}
-                for label, (_, res) in best_dirs.items()]
-    runs += final
+            if res["label"] not in best or res["after"]["eval_loss"] < best[res["label"]]["after"]["eval_loss"]:
+                chosen[res["label"]], best[res["label"]] = res["lr"], res
+        final = list(pool.map(run, [j for s in seeds[1:] for j in jobs_for("final", s, chosen)]))
+    # The table reports the test split; the validation scores that chose the LR stay as val_after.
+    runs = [{**res, "val_after": res["after"], "after": res["test_after"], "before": res["test_before"]}
+            if "error" not in res else res for res in [*best.values(), *final]]
     label_order = [m[0] for m in methods]
     runs.sort(key=lambda r: (label_order.index(r["label"]), seeds.index(r["seed"])))
     rows = aggregate(runs)

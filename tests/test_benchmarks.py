@@ -487,3 +487,47 @@ def test_quality_llm_split_is_fixed_and_disjoint(tmp_path, monkeypatch):
     assert quality_llm.parse_lrs(["fpft=1e-4,3e-4", "hift=1e-3"]) == {"fpft": [1e-4, 3e-4], "hift": [1e-3]}
     with pytest.raises(SystemExit, match="--lrs entries"):
         quality_llm.parse_lrs(["fpft=fast"])
+
+
+def test_quality_llm_scores_in_the_runs_and_stops_on_a_model_that_did_not_load(tmp_path, monkeypatch):
+    """No model is loaded (or scored) in quality_llm.py's threads: each run scores itself; an untrained score at
+    the uniform guess (perplexity = vocabulary size, as the race once printed) stops the study."""
+    import hift_ds.train.jobs
+    src = tmp_path / "all.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(30)))
+    monkeypatch.setattr(hift_ds.train.jobs, "instruction_data", lambda: str(src))
+    score = lambda ppl: {"eval_loss": math.log(ppl), "perplexity": ppl}  # noqa: E731
+    calls = []
+
+    def fake_run(label, mode, strategy, seed, lr, out, train_args, before=38.7):
+        calls.append(train_args)
+        os.makedirs(out, exist_ok=True)
+        return {"label": label, "seed": seed, "lr": lr, "seconds": 1.0, "vocab_size": 49152, "before": score(40.0),
+                "after": score(9.0 + lr * 1e3), "test_before": score(before), "test_after": score(9.5 + seed)}
+    monkeypatch.setattr(quality_llm, "train_run", fake_run)
+    argv = ["--out", str(tmp_path / "q"), "--seeds", "1,2", "--only", "fpft", "--lrs", "fpft=1e-4,3e-4",
+            "--test-size", "6", "--val-size", "4"]
+    (row,) = quality_llm.main(argv)
+    assert all(a[a.index("--eval-data") + 1].endswith("val.jsonl") and a[a.index("--test-data") + 1].endswith(
+        "test.jsonl") and "--check-pretrained" in a for a in calls)
+    assert row["lr"] == 1e-4 and row["after"]["perplexity"] == pytest.approx(11.0)  # the test split, seeds 1, 2
+    assert row["before"]["perplexity"] == pytest.approx(38.7)
+    monkeypatch.setattr(quality_llm, "train_run", lambda *a: fake_run(*a, before=49152.0))
+    with pytest.raises(SystemExit, match="did not load: its held-out perplexity is 49152, at or above 0.5 x its "
+                                         "vocabulary size 49152"):
+        quality_llm.main([*argv[:1], str(tmp_path / "q2"), *argv[2:]])
+    refused = {"label": "fpft", "seed": 1, "lr": 1e-4, "error": "error: --check-pretrained: the untrained model "
+               "m scores as if its weights did not load: ..."}
+    monkeypatch.setattr(quality_llm, "train_run", lambda *a: refused)
+    with pytest.raises(SystemExit, match="fpft lr 0.0001 seed 1: error: --check-pretrained"):
+        quality_llm.main([*argv[:1], str(tmp_path / "q3"), *argv[2:]])
+
+
+def test_a_benchmark_run_starts_over_and_gets_hifts_options_only_under_hift():
+    """quality.run_args, shared by quality.py, quality_llm.py and llm_study.py: launch/train.py refuses a fresh run into
+    a used --output-dir and HiFT's --group-size/--strategy under another --mode."""
+    shared = ["--group-size", "2", "--strategy=random", "--epochs", "1"]
+    start = ["--output-dir", "o", "--overwrite-output-dir"]
+    assert quality.run_args("hift", "o", shared) == ["--mode", "hift", *start, *shared]
+    assert quality.run_args("fpft", "o", shared) == ["--mode", "fpft", *start, "--epochs", "1"]
+    assert quality.run_args("badam", "o", shared) == ["--mode", "badam", *start, "--epochs", "1"]
