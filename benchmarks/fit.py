@@ -15,7 +15,6 @@ over the build (benchmarks/hostmem.py). Each shape's row is printed as it is mea
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import sys
 import time
@@ -140,21 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps per 'cycle' of a set-up with no HiFT groups")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout` stops us: still write the JSON
     result: dict = {"command": " ".join(["fit.py"] + list(sys.argv[1:] if argv is None else argv))}
-    rc = 0
-    try:
-        run(args, result)
-    except Exception as exc:  # noqa: BLE001 - what was measured is still written
-        status, error = setups.describe_failure(exc)
-        result["error"] = f"{status}: {error}"
-        print(f"fit: {result['error']}", flush=True)
-        rc = 0 if status == "skipped" else 1
-    finally:
-        if args.json:
-            harness.write_json(args.json, {"fit": result})
-    return rc
-
+    return harness.run_recorded("fit", lambda: run(args, result), result, args.json, lambda: {"fit": result})
 
 if __name__ == "__main__":
     sys.exit(main())

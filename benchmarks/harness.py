@@ -270,6 +270,27 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, fh, indent=1)
 
 
+def run_recorded(label: str, measure: Callable[[], None], result: dict, json_path: str | None,
+                 payload: Callable[[], dict]) -> int:
+    """Run ``measure`` (which fills ``result``); a failure goes into ``result["error"]``, and the JSON of
+    ``payload()`` is written either way, also when ``timeout`` stops the process; the exit status."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout` stops us: still write the JSON
+    rc = 0
+    try:
+        measure()
+    except Exception as exc:  # noqa: BLE001 - what was measured so far is still written
+        status, error = setups.describe_failure(exc)
+        result["error"] = f"{status}: {error}"
+        print(f"{label}: {result['error']}", flush=True)
+        rc = 0 if status == "skipped" else 1
+    finally:
+        if json_path:
+            write_json(json_path, payload())
+    return rc
+
+
 def meta(args: argparse.Namespace) -> dict:
     """Run metadata for the JSON: device, versions, options, date."""
     out = {"device": device_name(), "torch": torch.__version__, "python": sys.version.split()[0],

@@ -300,18 +300,15 @@ def parse_shape(text: str, blocks: int) -> tuple[int, int, bool, int]:
 
 def run_paired(args: argparse.Namespace, argv: list[str]) -> int:
     """``--paired``: the set-ups timed in this process; the JSON keeps what was measured even if a set-up fails."""
-    import signal
-
     names = [n for n in args.paired.split(",") if n]
     bad = [n for n in names if n not in setups.SETUPS]
     if bad or len(names) < 2:
         raise SystemExit(f"--paired needs two or more of {', '.join(setups.SETUPS)}; got {args.paired!r}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout` stops us: still write the JSON
     meta = harness.meta(args)
     meta["command"] = " ".join([Path(__file__).name] + list(argv))  # the options this run parsed
     result: dict = {}
-    rc = 0
-    try:
+
+    def measure() -> None:
         paired.measure(names, setups.Options.from_namespace(args), args.blocks, args.probe_gib, args.trace,
                        args.trace_steps, args.trace_setup, command=meta["command"], result=result,
                        log=lambda line: print(line, flush=True), trace_cpu_ops=args.trace_cpu_ops,
@@ -319,15 +316,8 @@ def run_paired(args: argparse.Namespace, argv: list[str]) -> int:
         print(paired.format_targets(result["summary"]))
         if "also" in result:
             print(f"({result['also']['shape']}) " + paired.format_targets(result["also"]["summary"]))
-    except Exception as exc:  # noqa: BLE001 - the rows measured so far are still written
-        status, error = setups.describe_failure(exc)
-        result["error"] = f"{status}: {error}"
-        print(f"paired: {result['error']}", flush=True)
-        rc = 0 if status == "skipped" else 1
-    finally:
-        if args.json:
-            harness.write_json(args.json, {"meta": meta, "paired": result})
-    return rc
+    # The rows measured before a failure (or a time limit) are still written.
+    return harness.run_recorded("paired", measure, result, args.json, lambda: {"meta": meta, "paired": result})
 
 
 if __name__ == "__main__":
